@@ -1,0 +1,21 @@
+"""A small GLM (about 100M parameters with a 16k vocabulary): 12 layers, hidden 768, 12 heads, GeGLU 2048, fp32.
+
+The vocabulary size comes from the tokenizer the model is used with; 16384 stands until one is given.
+"""
+
+from glm_jax.config import default_config
+
+
+def get_config():
+  config = default_config()
+  m = config.model
+  m.num_layers = 12
+  m.hidden_size = 768
+  m.num_attention_heads = 12
+  m.inner_hidden_size = 2048
+  m.vocab_size = 16384
+  m.max_sequence_length = 1024
+  m.rope_precision = 'fp32'
+  m.dtype = 'float32'
+  m.param_dtype = 'float32'
+  return config

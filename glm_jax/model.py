@@ -1,0 +1,346 @@
+"""The GLM-130B architecture as a pure functional Flax module (glm130b.md §2).
+
+    logits = GLM(model_config).apply({'params': params}, tokens, position_ids, attention_mask)
+
+Per layer (DeepNorm post-LN, alpha = sqrt(2 * num_layers)):
+    y  = LN_in(x);   z = y * alpha + Attn(y)          # the skip path is the *normalised* input
+    y2 = LN_post(z); out = y2 * alpha + GeGLU_MLP(y2)  # left un-normalised: the next LN_in normalises it
+then final_layernorm and the tied output projection (no bias).
+
+Attention: fused QKV with head-major rows (per head q, k, v), rotary positions gathered by position id, query-key
+layer scaling by c = layer_id + 1 (a no-op in exact arithmetic that moves fp16 rounding as SAT does), masked
+scores filled with -10000 (not -inf: fully masked padding rows become uniform, never NaN), fp32 softmax.
+MLP: x1 * gelu(x2) with exact-erf GELU, x1 the first ("value") half of dense_h_to_4h, x2 the second.
+
+Conventions: attention_mask is bool, True = may attend; shapes are in the names (B batch, S query length,
+T key length, D hidden, N heads, H head dim, F GeGLU width, V vocabulary, L layers). Every parameter and the
+main activations carry logical axis names, mapped to mesh axes by `config.axis_rules` (see sharding.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax import rope
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+MASKED_SCORE = -10000.0  # SAT's fill value for masked attention scores
+
+
+@dataclasses.dataclass(frozen=True)
+class GLMConfig:
+  """The model fields of a config (see glm_jax/config.py for what each means)."""
+  num_layers: int
+  hidden_size: int
+  num_attention_heads: int
+  inner_hidden_size: int
+  vocab_size: int
+  max_sequence_length: int
+  position_encoding_2d: bool = False
+  layernorm_epsilon: float = 1e-5
+  rope_precision: str = 'fp32'
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  hidden_dropout: float = 0.0
+  attention_dropout: float = 0.0
+  embedding_dropout: float = 0.0
+  init_std: float = 0.0
+  remat_policy: str = 'none'
+
+  @classmethod
+  def make(cls, config: Any) -> 'GLMConfig':
+    """From a `config.model` ConfigDict, a mapping, or a GLMConfig; unknown or bad fields are named."""
+    if isinstance(config, cls):
+      return config
+    values = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f'config.model has unknown field(s) {unknown}; known fields: {sorted(known)}')
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+  def validate(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(f'config.model.hidden_size={self.hidden_size} is not divisible by '
+                       f'num_attention_heads={self.num_attention_heads}')
+    if self.position_encoding_2d and self.head_dim % 4:
+      raise ValueError(f'2-D rotary positions need a head dim divisible by 4, got {self.head_dim}')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f'config.model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}')
+    if self.rope_precision not in ('fp32', 'fp16_chain'):
+      raise ValueError(f"config.model.rope_precision must be 'fp32' or 'fp16_chain', got {self.rope_precision!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'config.model.remat_policy must be one of {sorted(REMAT_POLICIES)}, '
+                       f'got {self.remat_policy!r}')
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @property
+  def deepnorm_alpha(self) -> float:
+    return math.sqrt(2 * self.num_layers)
+
+  @property
+  def base_init_std(self) -> float:
+    return self.init_std or (3 * self.hidden_size) ** -0.5
+
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Initialisers (glm130b.md §3.1)
+
+
+def _normal(std):
+  return nn.initializers.normal(stddev=std)
+
+
+def _xavier_normal(gain, fan_in, fan_out):
+  """Xavier-normal for a matrix whose logical shape is [fan_in, fan_out], whatever the array's shape."""
+  return nn.initializers.normal(stddev=gain * math.sqrt(2.0 / (fan_in + fan_out)))
+
+
+def _qkv_init(cfg: GLMConfig):
+  """q and k: N(0, init_std); v: DeepNorm Xavier-normal (gain beta) as a [D, D] projection."""
+  beta = (2 * cfg.num_layers) ** -0.5
+  d = cfg.hidden_size
+
+  def init(key, shape, dtype):  # shape [D, N, 3, H]
+    kq, kv = jax.random.split(key)
+    qk = _normal(cfg.base_init_std)(kq, shape, dtype)
+    v = _xavier_normal(beta, d, d)(kv, shape, dtype)
+    return jnp.where(jnp.arange(3)[None, None, :, None] == 2, v, qk)
+  return init
+
+
+def _param(module, name, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def layer_norm(x, scale, bias, eps):
+  """Statistics and normalisation in fp32 whatever x's dtype; the result in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+  cfg: GLMConfig
+
+  @nn.compact
+  def __call__(self, x):
+    d = self.cfg.hidden_size
+    scale = _param(self, 'scale', nn.initializers.ones, (d,), ('norm',), self.cfg.weight_dtype)
+    bias = _param(self, 'bias', nn.initializers.zeros, (d,), ('norm',), self.cfg.weight_dtype)
+    return layer_norm(x, scale, bias, self.cfg.layernorm_epsilon)
+
+
+def linear(eq, x, kernel, bias=None, *, fused_bias):
+  """The matmul seam of the four big linears: x @ kernel in x's dtype with fp32 accumulation.
+
+  `fused_bias` mirrors SAT's rounding: column-parallel layers add the bias inside the fp32 accumulation
+  (torch addmm, one rounding); row-parallel layers add it after the product is rounded (two roundings).
+  """
+  dt = x.dtype
+  y32 = jnp.einsum(eq, x, kernel.astype(dt), preferred_element_type=jnp.float32)
+  if bias is None:
+    return y32.astype(dt)
+  if fused_bias:
+    return (y32 + bias.astype(jnp.float32)).astype(dt)
+  return y32.astype(dt) + bias.astype(dt)
+
+
+class Attention(nn.Module):
+  cfg: GLMConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, y_BxSxD, layer_id, rope_parts, mask_Bx1xSxT, cache_kv=None, cache_index=None):
+    cfg = self.cfg
+    d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    wdt = cfg.weight_dtype
+    beta = (2 * cfg.num_layers) ** -0.5
+    qkv_kernel = _param(self, 'qkv_kernel', _qkv_init(cfg), (d, n, 3, h), ('embed', 'heads', 'qkv', 'kv'), wdt)
+    qkv_bias = _param(self, 'qkv_bias', nn.initializers.zeros, (n, 3, h), ('heads', 'qkv', 'kv'), wdt)
+    out_kernel = _param(self, 'dense_kernel', _xavier_normal(beta, d, d), (n, h, d), ('heads', 'kv', 'embed'), wdt)
+    out_bias = _param(self, 'dense_bias', nn.initializers.zeros, (d,), ('norm',), wdt)
+
+    qkv_BxSxNx3xH = linear('bsd,dnth->bsnth', y_BxSxD, qkv_kernel, qkv_bias, fused_bias=True)
+    qkv_BxSxNx3xH = _constrain(qkv_BxSxNx3xH, ('batch', 'length', 'act_heads', None, None))
+    q_BxSxNxH, k_BxSxNxH, v_BxSxNxH = (qkv_BxSxNx3xH[:, :, :, i] for i in range(3))
+    q_BxSxNxH = rope.apply_rope_parts(q_BxSxNxH, rope_parts)
+    k_BxSxNxH = rope.apply_rope_parts(k_BxSxNxH, rope_parts)
+
+    new_cache = None
+    if cache_kv is not None:  # write this call's keys/values at cache_index, attend over the whole cache
+      cache_k, cache_v = cache_kv
+      k_BxTxNxH = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BxSxNxH.astype(cache_k.dtype), cache_index, 1)
+      v_BxTxNxH = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BxSxNxH.astype(cache_v.dtype), cache_index, 1)
+      new_cache = (k_BxTxNxH, v_BxTxNxH)
+      k_BxTxNxH, v_BxTxNxH = k_BxTxNxH.astype(q_BxSxNxH.dtype), v_BxTxNxH.astype(q_BxSxNxH.dtype)
+    else:
+      k_BxTxNxH, v_BxTxNxH = k_BxSxNxH, v_BxSxNxH
+
+    # Query-key layer scaling: divide q by sqrt(H)*c in the compute dtype, multiply the scores by c in fp32.
+    c = (layer_id + 1).astype(jnp.float32)
+    q_BxSxNxH = q_BxSxNxH / (math.sqrt(h) * c).astype(q_BxSxNxH.dtype)
+    scores_BxNxSxT = jnp.einsum('bsnh,btnh->bnst', q_BxSxNxH, k_BxTxNxH,
+                                preferred_element_type=jnp.float32).astype(q_BxSxNxH.dtype)
+    scores_BxNxSxT = scores_BxNxSxT.astype(jnp.float32) * c
+    scores_BxNxSxT = jnp.where(mask_Bx1xSxT, scores_BxNxSxT, MASKED_SCORE * c)
+    probs_BxNxSxT = jax.nn.softmax(scores_BxNxSxT, axis=-1).astype(q_BxSxNxH.dtype)
+    probs_BxNxSxT = nn.Dropout(cfg.attention_dropout)(probs_BxNxSxT, deterministic=self.deterministic)
+    ctx_BxSxNxH = jnp.einsum('bnst,btnh->bsnh', probs_BxNxSxT, v_BxTxNxH,
+                             preferred_element_type=jnp.float32).astype(q_BxSxNxH.dtype)
+    ctx_BxSxNxH = _constrain(ctx_BxSxNxH, ('batch', 'length', 'act_heads', None))
+    out_BxSxD = linear('bsnh,nhd->bsd', ctx_BxSxNxH, out_kernel, out_bias, fused_bias=False)
+    out_BxSxD = nn.Dropout(cfg.hidden_dropout)(out_BxSxD, deterministic=self.deterministic)
+    return out_BxSxD, new_cache
+
+
+class MLP(nn.Module):
+  cfg: GLMConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, y_BxSxD):
+    cfg = self.cfg
+    d, f = cfg.hidden_size, cfg.inner_hidden_size
+    beta = (2 * cfg.num_layers) ** -0.5
+    wdt = cfg.weight_dtype
+    # [D, 2, F]: index 0 of the 'glu' axis is the value half, 1 the gelu half; splitting F over 'tensor' gives each
+    # shard matching value and gate columns, which is SAT's GLU-interleaved tensor-parallel layout.
+    w1 = _param(self, 'h_to_4h_kernel', _xavier_normal(beta, d, 2 * f), (d, 2, f), ('embed', 'glu', 'mlp'), wdt)
+    b1 = _param(self, 'h_to_4h_bias', nn.initializers.zeros, (2, f), ('glu', 'mlp'), wdt)
+    w2 = _param(self, '4h_to_h_kernel', _xavier_normal(beta, f, d), (f, d), ('mlp', 'embed'), wdt)
+    b2 = _param(self, '4h_to_h_bias', nn.initializers.zeros, (d,), ('norm',), wdt)
+    u_BxSx2xF = linear('bsd,dgf->bsgf', y_BxSxD, w1, b1, fused_bias=True)
+    u_BxSx2xF = _constrain(u_BxSx2xF, ('batch', 'length', None, 'act_mlp'))
+    act_BxSxF = u_BxSx2xF[:, :, 0] * jax.nn.gelu(u_BxSx2xF[:, :, 1], approximate=False)
+    out_BxSxD = linear('bsf,fd->bsd', act_BxSxF, w2, b2, fused_bias=False)
+    return nn.Dropout(cfg.hidden_dropout)(out_BxSxD, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+  """One DeepNorm layer; scanned over the layer axis (its parameters stacked along a leading 'layers' axis)."""
+  cfg: GLMConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxSxD, xs, rope_parts, mask_Bx1xSxT, cache_index):
+    layer_id, cache_kv = xs
+    alpha = jnp.asarray(self.cfg.deepnorm_alpha, x_BxSxD.dtype)
+    y_BxSxD = LayerNorm(self.cfg, name='input_layernorm')(x_BxSxD)
+    a_BxSxD, new_cache = Attention(self.cfg, self.deterministic, name='attention')(
+        y_BxSxD, layer_id, rope_parts, mask_Bx1xSxT, cache_kv, cache_index)
+    z_BxSxD = y_BxSxD * alpha + a_BxSxD
+    y2_BxSxD = LayerNorm(self.cfg, name='post_attention_layernorm')(z_BxSxD)
+    m_BxSxD = MLP(self.cfg, self.deterministic, name='mlp')(y2_BxSxD)
+    out_BxSxD = _constrain(y2_BxSxD * alpha + m_BxSxD, ('batch', 'length', 'act_embed'))
+    return out_BxSxD, new_cache
+
+
+class GLM(nn.Module):
+  """GLM-130B. Build it from the `config.model` ConfigDict of a config file: `GLM(config.model)`."""
+  config: Any
+
+  def __post_init__(self):
+    object.__setattr__(self, 'config', GLMConfig.make(self.config))
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, tokens_BxS, position_ids, attention_mask, *, deterministic: bool = True, cache=None,
+               cache_index=None, input_embedding=None):
+    """Logits [B, S, V] float32; with `cache` (from init_cache) returns (logits, new_cache).
+
+    tokens_BxS: int32 [B, S]. position_ids: int32 [B, S] (1-D) or [B, 2, S] (2-D).
+    attention_mask: bool [B or 1, 1, S, T], True = may attend; T = S without a cache, the cache length with one.
+    cache_index: where this call's S keys/values are written in the cache (a scalar; prefill 0, then each step).
+    input_embedding: an optional [V, D] table for the input lookup, defaulting to the tied one. Training passes the
+      tied table here as its own leaf so that the lookup's share of the gradient can be treated separately.
+    """
+    cfg: GLMConfig = self.config
+    dt = cfg.compute_dtype
+    if attention_mask.dtype != jnp.bool_:
+      raise TypeError(f'attention_mask must be bool (True = may attend), got {attention_mask.dtype}')
+    embedding_VxD = _param(self, 'word_embeddings', _normal(cfg.base_init_std), (cfg.vocab_size, cfg.hidden_size),
+                           ('vocab', 'embed'), cfg.weight_dtype)
+    table_VxD = embedding_VxD if input_embedding is None else input_embedding
+    x_BxSxD = jnp.take(table_VxD, tokens_BxS, axis=0).astype(dt)
+    x_BxSxD = _constrain(x_BxSxD, ('batch', 'length', 'act_embed'))
+    x_BxSxD = nn.Dropout(cfg.embedding_dropout)(x_BxSxD, deterministic=deterministic)
+
+    rope_parts = rope.gather_rope(position_ids, cfg.head_dim, cfg.max_sequence_length, cfg.rope_precision,
+                                  cfg.position_encoding_2d)
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    cache_kv = None if cache is None else (cache['k'], cache['v'])
+    if cache is not None and cache_index is None:
+      raise ValueError('calling GLM with a cache needs cache_index (where the new keys/values are written)')
+
+    block = Block
+    if cfg.remat_policy != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+    x_BxSxD, new_cache_kv = stack(cfg, deterministic, name='layers')(
+        x_BxSxD, (layer_ids, cache_kv), rope_parts, attention_mask, cache_index)
+
+    x_BxSxD = LayerNorm(cfg, name='final_layernorm')(x_BxSxD)
+    logits_BxSxV = jnp.einsum('bsd,vd->bsv', x_BxSxD, embedding_VxD.astype(dt),
+                              preferred_element_type=jnp.float32).astype(dt).astype(jnp.float32)
+    logits_BxSxV = _constrain(logits_BxSxV, ('batch', 'length', 'act_vocab'))
+    if cache is None:
+      return logits_BxSxV
+    return logits_BxSxV, {'k': new_cache_kv[0], 'v': new_cache_kv[1]}
+
+
+def init_cache(model_config, batch: int, max_length: int):
+  """A preallocated key/value cache: {'k', 'v'} each [L, B, max_length, N, H] in the compute dtype.
+
+  Rotated keys are stored (as SAT's mems), so a cached step only rotates its own query and key.
+  """
+  cfg = GLMConfig.make(model_config)
+  shape = (cfg.num_layers, batch, max_length, cfg.num_attention_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, cfg.compute_dtype), 'v': jnp.zeros(shape, cfg.compute_dtype)}
+
+
+CACHE_AXES = ('layers', 'batch', 'cache_length', 'act_heads', 'kv')
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -1,0 +1,114 @@
+"""The device mesh, logical-axis rules, and parameters created already sharded.
+
+The model names every parameter axis and its main activations with logical names ('embed', 'heads', 'batch', ...).
+`config.axis_rules` maps those names to the mesh axes of `config.mesh` (data, fsdp, tensor, stage). A parameter is
+created under jit with its output sharding, so no device ever holds the whole model unless the rules say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'stage')
+
+
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Axis sizes from `config.mesh`, resolving one -1 to the devices left over."""
+  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  unknown = sorted(set(mesh_config.keys()) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f'config.mesh has unknown axes {unknown}; the mesh axes are {list(MESH_AXES)}')
+  free = [a for a, n in sizes.items() if n == -1]
+  if len(free) > 1:
+    raise ValueError(f'config.mesh: only one axis may be -1, got {free}')
+  if any(n == 0 or n < -1 for n in sizes.values()):
+    raise ValueError(f'config.mesh: axis sizes must be positive (or one -1), got {sizes}')
+  fixed = math.prod(n for n in sizes.values() if n != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f'config.mesh {sizes}: {num_devices} devices are not divisible by {fixed}')
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f'config.mesh {sizes} needs {math.prod(sizes.values())} devices, '
+                     f'but {num_devices} are available')
+  return sizes
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """A classic (Auto-axis, GSPMD) mesh over `devices` (default: all), axes in MESH_AXES order."""
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def axis_rules(config) -> tuple[tuple[str, Any], ...]:
+  """The rule list as tuples (ConfigDict stores what the config file wrote)."""
+  return tuple((name, tuple(target) if isinstance(target, list) else target) for name, target in config.axis_rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+  """Within this block, the model's activation constraints resolve against `mesh` and `rules`."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def logical_specs(boxed_tree):
+  """Logical PartitionSpecs of a tree of nn.LogicallyPartitioned boxes (e.g. from jax.eval_shape of init)."""
+  return nn.get_partition_spec(boxed_tree)
+
+
+def shardings_for(boxed_tree, mesh: Mesh, rules):
+  """NamedShardings for each leaf of a boxed abstract tree, by the rules."""
+  return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+
+
+def dummy_inputs(model_config, batch: int = 1, length: int = 8):
+  """Inputs of the right shapes and dtypes for initialising or tracing the model."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  if model_config.position_encoding_2d:
+    positions = jnp.zeros((batch, 2, length), jnp.int32)
+  else:
+    positions = jnp.zeros((batch, length), jnp.int32)
+  mask = jnp.ones((1, 1, length, length), jnp.bool_)
+  return tokens, positions, mask
+
+
+def abstract_params(model, model_config):
+  """Boxed abstract parameters (shapes, dtypes, logical axes) without allocating anything."""
+  rng = jax.random.key(0)
+  return jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model_config))['params'], rng)
+
+
+def init_params(model, model_config, rng, mesh: Mesh | None = None, rules=None):
+  """Initialised parameters as a plain dict, each created directly with its sharding (when a mesh is given)."""
+  boxed = abstract_params(model, model_config)
+
+  def init(r):
+    return nn.meta.unbox(model.init(r, *dummy_inputs(model_config))['params'])
+
+  if mesh is None:
+    return jax.jit(init)(rng)
+  out_shardings = shardings_for(boxed, mesh, rules)
+  with activate(mesh, rules):
+    return jax.jit(init, out_shardings=out_shardings)(rng)
+
+
+def param_shardings(model, model_config, mesh: Mesh, rules):
+  """NamedShardings for the plain parameter dict (for jit in_shardings or Orbax restore targets)."""
+  return shardings_for(abstract_params(model, model_config), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+  """Sharding of a batch-leading input array of rank `ndim`: batch axis by the rules, the rest replicated."""
+  spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec if spec is not None else PartitionSpec())

@@ -1,0 +1,38 @@
+"""Shared fixtures: 8 fake CPU devices, the tiny config, the reference model builder.
+
+The device count must be set before JAX first touches a backend, so it is set here, at import.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # configs/ and tests/ are imported as packages
+
+
+def load_config(name: str, **model_overrides):
+  """A config from configs/<name>.py with `config.model` fields overridden."""
+  import importlib
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.model.update(model_overrides)
+  return config
+
+
+# Small enough for SAT on one CPU thread, large enough to have several heads, layers and a real GeGLU width.
+PARITY_MODEL = dict(num_layers=3, hidden_size=128, num_attention_heads=4, inner_hidden_size=340, vocab_size=512,
+                    max_sequence_length=128)
+
+
+@pytest.fixture(scope='session')
+def tiny_config():
+  return load_config('tiny', vocab_size=512)
