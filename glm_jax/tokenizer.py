@@ -114,469 +114,471 @@ from typing import Iterable, Mapping
 import sentencepiece as spm
 
 __all__ = [
-    "GLMTokenizer",
-    "SPECIAL_TOKENS",
-    "GLM_SPECIAL_TOKENS",
-    "MASK_PATTERN",
-    "ICETK_TEXT_OFFSET",
-    "ICETK_SPECIAL_START",
-    "ICETK_VOCAB_SIZE",
-    "ICETK_MAX_PIECES",
-    "LAYOUTS",
-    "sidecar_path",
+  'GLMTokenizer',
+  'SPECIAL_TOKENS',
+  'GLM_SPECIAL_TOKENS',
+  'MASK_PATTERN',
+  'ICETK_TEXT_OFFSET',
+  'ICETK_SPECIAL_START',
+  'ICETK_VOCAB_SIZE',
+  'ICETK_MAX_PIECES',
+  'LAYOUTS',
+  'sidecar_path',
 ]
 
-LAYOUTS = ("icetk", "compact")
+LAYOUTS = ('icetk', 'compact')
 
 # The eight specials appended after the text vocabulary, in id order.
-GLM_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "eod", "sop", "eop", "ENC", "dBLOCK")
+GLM_SPECIAL_TOKENS = ('[MASK]', '[gMASK]', '[sMASK]', 'eod', 'sop', 'eop', 'ENC', 'dBLOCK')
 # All ten specials (compact layout ids n .. n+9 in this order).
-SPECIAL_TOKENS = GLM_SPECIAL_TOKENS + ("eos", "pad")
+SPECIAL_TOKENS = GLM_SPECIAL_TOKENS + ('eos', 'pad')
 
 # How decode() renders each special.
 _RENDER = {
-    "[MASK]": "[MASK]",
-    "[gMASK]": "[gMASK]",
-    "[sMASK]": "[sMASK]",
-    "eod": "[eod]",
-    "sop": "[sop]",
-    "eop": "[eop]",
-    "ENC": "[ENC]",
-    "dBLOCK": "[dBLOCK]",
-    "eos": "</s>",
-    "pad": "[pad]",
+  '[MASK]': '[MASK]',
+  '[gMASK]': '[gMASK]',
+  '[sMASK]': '[sMASK]',
+  'eod': '[eod]',
+  'sop': '[sop]',
+  'eop': '[eop]',
+  'ENC': '[ENC]',
+  'dBLOCK': '[dBLOCK]',
+  'eos': '</s>',
+  'pad': '[pad]',
 }
 
 # Aliases accepted by get_command() on top of the canonical names.
 _ALIASES = {
-    "MASK": "[MASK]",
-    "gMASK": "[gMASK]",
-    "sMASK": "[sMASK]",
-    "<sop>": "sop",
-    "<eop>": "eop",
-    "[sop]": "sop",
-    "[eop]": "eop",
-    "[eod]": "eod",
-    "</s>": "eos",
-    "[pad]": "pad",
+  'MASK': '[MASK]',
+  'gMASK': '[gMASK]',
+  'sMASK': '[sMASK]',
+  '<sop>': 'sop',
+  '<eop>': 'eop',
+  '[sop]': 'sop',
+  '[eop]': 'eop',
+  '[eod]': 'eod',
+  '</s>': 'eos',
+  '[pad]': 'pad',
 }
 
-MASK_PATTERN = re.compile(r"\[[sg]?MASK\]")
+MASK_PATTERN = re.compile(r'\[[sg]?MASK\]')
 
 ICETK_TEXT_OFFSET = 20000
 ICETK_SPECIAL_START = 150000
 ICETK_VOCAB_SIZE = 150528
 ICETK_MAX_PIECES = ICETK_SPECIAL_START - ICETK_TEXT_OFFSET  # 130000
 
-_SIDECAR_FORMAT = "glm_jax.tokenizer"
+_SIDECAR_FORMAT = 'glm_jax.tokenizer'
 _SIDECAR_VERSION = 1
-_WORD_BOUNDARY = "\u2581"  # SentencePiece's meta symbol for whitespace
+_WORD_BOUNDARY = '\u2581'  # SentencePiece's meta symbol for whitespace
 # Probe used to check that a compact-layout model round-trips exactly.
-_ROUNDTRIP_PROBE = " a  b\t\tc\r\n\nd  "
+_ROUNDTRIP_PROBE = ' a  b\t\tc\r\n\nd  '
 
 
 def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
+  return -(-x // multiple) * multiple
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
-    """Path of the JSON sidecar that belongs to ``<out>.model``."""
-    p = Path(model_path)
-    return p.with_suffix(".json") if p.suffix == ".model" else Path(str(p) + ".json")
+  """Path of the JSON sidecar that belongs to ``<out>.model``."""
+  p = Path(model_path)
+  return p.with_suffix('.json') if p.suffix == '.model' else Path(str(p) + '.json')
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+  """Write ``data`` to ``path`` through a temporary file and a rename."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+  try:
+    with open(tmp, 'xb') as f:  # "x": never clobber; the mode follows the umask
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
     try:
-        with open(tmp, "xb") as f:  # "x": never clobber; the mode follows the umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
 
 
 class GLMTokenizer:
-    """SentencePiece model + GLM special tokens, in the icetk or compact layout.
+  """SentencePiece model + GLM special tokens, in the icetk or compact layout.
 
-    Args:
-      model_proto: the serialized SentencePiece ``ModelProto`` (the bytes of a
-        ``.model`` file).  Use :meth:`load` to read one from disk.
-      layout: ``"icetk"`` or ``"compact"`` (see the module docstring).
-      vocab_multiple: compact layout only: ``vocab_size`` is pieces + 10
-        rounded up to a multiple of this (1 = no rounding).  The icetk layout
-        always has 150528 rows.
-      ignore_linebreak: icetk layout only, as icetk's ``encode`` argument:
-        True (default, what GLM-130B used) passes ``\\n`` to SentencePiece,
-        which turns it into a space; False maps it to the ``<n>`` piece.
-      name: a label used in error messages (e.g. the file name).
+  Args:
+    model_proto: the serialized SentencePiece ``ModelProto`` (the bytes of a
+      ``.model`` file).  Use :meth:`load` to read one from disk.
+    layout: ``"icetk"`` or ``"compact"`` (see the module docstring).
+    vocab_multiple: compact layout only: ``vocab_size`` is pieces + 10
+      rounded up to a multiple of this (1 = no rounding).  The icetk layout
+      always has 150528 rows.
+    ignore_linebreak: icetk layout only, as icetk's ``encode`` argument:
+      True (default, what GLM-130B used) passes ``\\n`` to SentencePiece,
+      which turns it into a space; False maps it to the ``<n>`` piece.
+    name: a label used in error messages (e.g. the file name).
+  """
+
+  def __init__(
+    self,
+    model_proto: bytes,
+    layout: str = 'icetk',
+    *,
+    vocab_multiple: int = 128,
+    ignore_linebreak: bool = True,
+    name: str = '<sentencepiece model>',
+  ):
+    if layout not in LAYOUTS:
+      raise ValueError(f'{name}: unknown tokenizer layout {layout!r}; expected one of {LAYOUTS}')
+    if not isinstance(vocab_multiple, int) or isinstance(vocab_multiple, bool) or vocab_multiple < 1:
+      raise ValueError(f'{name}: vocab_multiple must be a positive integer, got {vocab_multiple!r}')
+    self._name = name
+    self._layout = layout
+    self._vocab_multiple = vocab_multiple
+    self._ignore_linebreak = bool(ignore_linebreak)
+    self._proto = bytes(model_proto)
+    sp = spm.SentencePieceProcessor()
+    try:
+      sp.LoadFromSerializedProto(self._proto)
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError
+      raise ValueError(f'{name}: not a valid SentencePiece model ({_first_line(e)})') from None
+    self._sp = sp
+    n = sp.get_piece_size()
+    self._num_pieces = n
+
+    if layout == 'icetk':
+      if n > ICETK_MAX_PIECES:
+        raise ValueError(
+          f'{name}: {n} pieces do not fit the icetk layout (at most {ICETK_MAX_PIECES})'
+        )
+      eos_sp = sp.eos_id()
+      if eos_sp < 0:
+        raise ValueError(f'{name}: the icetk layout needs a SentencePiece model with an eos piece')
+      self._offset = ICETK_TEXT_OFFSET
+      ids = {tok: ICETK_SPECIAL_START + i for i, tok in enumerate(GLM_SPECIAL_TOKENS)}
+      ids['eos'] = ICETK_TEXT_OFFSET + eos_sp
+      ids['pad'] = 0
+      self._vocab_size = ICETK_VOCAB_SIZE
+      if not self._ignore_linebreak:
+        nl = sp.piece_to_id('<n>')
+        if nl == sp.unk_id() or sp.id_to_piece(nl) != '<n>':
+          raise ValueError(f"{name}: ignore_linebreak=False needs a '<n>' piece in the model")
+      self._byte_ids_for_meta = None
+    else:
+      self._offset = 0
+      ids = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
+      self._vocab_size = _round_up(n + len(SPECIAL_TOKENS), vocab_multiple)
+      # Byte pieces for a literal U+2581, which SentencePiece would
+      # otherwise decode as a space.
+      byte_ids = []
+      for b in _WORD_BOUNDARY.encode('utf-8'):
+        i = sp.piece_to_id(f'<0x{b:02X}>')
+        if not sp.is_byte(i):
+          byte_ids = None
+          break
+        byte_ids.append(i)
+      self._byte_ids_for_meta = byte_ids
+      if byte_ids is None or sp.decode(sp.encode(_ROUNDTRIP_PROBE)) != _ROUNDTRIP_PROBE:
+        raise ValueError(
+          f'{name}: this SentencePiece model does not round-trip text exactly, so it cannot '
+          "use the compact layout (train it with train_tokenizer, or use layout='icetk')"
+        )
+
+    self._special_ids = dict(ids)
+    self._special_decoder = {v: k for k, v in ids.items()}
+
+  # ------------------------------------------------------------------ I/O
+
+  @classmethod
+  def load(
+    cls,
+    path: str | os.PathLike,
+    *,
+    layout: str | None = None,
+    vocab_multiple: int | None = None,
+    ignore_linebreak: bool | None = None,
+  ) -> 'GLMTokenizer':
+    """Read ``<out>.model`` and, if present, its ``<out>.json`` sidecar.
+
+    ``path`` is the ``.model`` file or the same path without ``.model``.
+    Without a sidecar the layout is icetk (so ``ice_text.model`` loads as
+    is).  Keyword arguments that are not None override the sidecar.
+    Raises ValueError naming the file when it is missing or unreadable.
     """
+    p = Path(path)
+    if not p.is_file() and p.suffix != '.model' and Path(str(p) + '.model').is_file():
+      p = Path(str(p) + '.model')
+    if not p.exists():
+      raise ValueError(f'tokenizer model file not found: {p}')
+    if not p.is_file():
+      raise ValueError(f'tokenizer model path is not a file: {p}')
+    try:
+      proto = p.read_bytes()
+    except OSError as e:
+      raise ValueError(f'cannot read tokenizer model file {p}: {e.strerror or e}') from None
+    if not proto:
+      raise ValueError(f'{p}: not a valid SentencePiece model (empty file)')
 
-    def __init__(
-        self,
-        model_proto: bytes,
-        layout: str = "icetk",
-        *,
-        vocab_multiple: int = 128,
-        ignore_linebreak: bool = True,
-        name: str = "<sentencepiece model>",
-    ):
-        if layout not in LAYOUTS:
-            raise ValueError(f"{name}: unknown tokenizer layout {layout!r}; expected one of {LAYOUTS}")
-        if not isinstance(vocab_multiple, int) or isinstance(vocab_multiple, bool) or vocab_multiple < 1:
-            raise ValueError(f"{name}: vocab_multiple must be a positive integer, got {vocab_multiple!r}")
-        self._name = name
-        self._layout = layout
-        self._vocab_multiple = vocab_multiple
-        self._ignore_linebreak = bool(ignore_linebreak)
-        self._proto = bytes(model_proto)
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.LoadFromSerializedProto(self._proto)
-        except Exception as e:  # sentencepiece raises RuntimeError/OSError
-            raise ValueError(f"{name}: not a valid SentencePiece model ({_first_line(e)})") from None
-        self._sp = sp
-        n = sp.get_piece_size()
-        self._num_pieces = n
+    meta: dict = {}
+    side = sidecar_path(p)
+    if side.is_file():
+      try:
+        meta = json.loads(side.read_text(encoding='utf-8'))
+      except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f'{side}: unreadable tokenizer sidecar ({_first_line(e)})') from None
+      if not isinstance(meta, dict):
+        raise ValueError(f'{side}: tokenizer sidecar must hold a JSON object')
+      fmt = meta.get('format', _SIDECAR_FORMAT)
+      if fmt != _SIDECAR_FORMAT:
+        raise ValueError(f'{side}: unknown sidecar format {fmt!r}')
 
-        if layout == "icetk":
-            if n > ICETK_MAX_PIECES:
-                raise ValueError(
-                    f"{name}: {n} pieces do not fit the icetk layout (at most {ICETK_MAX_PIECES})"
-                )
-            eos_sp = sp.eos_id()
-            if eos_sp < 0:
-                raise ValueError(f"{name}: the icetk layout needs a SentencePiece model with an eos piece")
-            self._offset = ICETK_TEXT_OFFSET
-            ids = {tok: ICETK_SPECIAL_START + i for i, tok in enumerate(GLM_SPECIAL_TOKENS)}
-            ids["eos"] = ICETK_TEXT_OFFSET + eos_sp
-            ids["pad"] = 0
-            self._vocab_size = ICETK_VOCAB_SIZE
-            self._newline_id = None
-            if not self._ignore_linebreak:
-                nl = sp.piece_to_id("<n>")
-                if nl == sp.unk_id() or sp.id_to_piece(nl) != "<n>":
-                    raise ValueError(f"{name}: ignore_linebreak=False needs a '<n>' piece in the model")
-            self._byte_ids_for_meta = None
-        else:
-            self._offset = 0
-            ids = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
-            self._vocab_size = _round_up(n + len(SPECIAL_TOKENS), vocab_multiple)
-            # Byte pieces for a literal U+2581, which SentencePiece would
-            # otherwise decode as a space.
-            byte_ids = []
-            for b in _WORD_BOUNDARY.encode("utf-8"):
-                i = sp.piece_to_id(f"<0x{b:02X}>")
-                if not sp.is_byte(i):
-                    byte_ids = None
-                    break
-                byte_ids.append(i)
-            self._byte_ids_for_meta = byte_ids
-            if byte_ids is None or sp.decode(sp.encode(_ROUNDTRIP_PROBE)) != _ROUNDTRIP_PROBE:
-                raise ValueError(
-                    f"{name}: this SentencePiece model does not round-trip text exactly, so it cannot "
-                    "use the compact layout (train it with train_tokenizer, or use layout='icetk')"
-                )
+    tok = cls(
+      proto,
+      layout=layout if layout is not None else meta.get('layout', 'icetk'),
+      vocab_multiple=vocab_multiple if vocab_multiple is not None else meta.get('vocab_multiple', 128),
+      ignore_linebreak=(
+        ignore_linebreak if ignore_linebreak is not None else meta.get('ignore_linebreak', True)
+      ),
+      name=str(p),
+    )
+    overridden = layout is not None or vocab_multiple is not None
+    if meta and not overridden:
+      for key, actual in (
+        ('num_pieces', tok.num_pieces),
+        ('vocab_size', tok.vocab_size),
+        ('special_ids', tok.special_ids),
+      ):
+        if key in meta and meta[key] != actual:
+          raise ValueError(
+            f'{side}: sidecar says {key}={meta[key]!r} but {p.name} gives {actual!r} '
+            '(model and sidecar do not belong together)'
+          )
+    return tok
 
-        self._special_ids = dict(ids)
-        self._special_decoder = {v: k for k, v in ids.items()}
+  def save(self, path: str | os.PathLike, extra: Mapping | None = None) -> Path:
+    """Write ``<path>.model`` and the ``<path>.json`` sidecar atomically.
 
-    # ------------------------------------------------------------------ I/O
+    ``path`` may end in ``.model`` or not.  ``extra`` adds informational
+    keys to the sidecar.  Returns the ``.model`` path.
+    """
+    p = Path(path)
+    model = p if p.suffix == '.model' else Path(str(p) + '.model')
+    meta = {
+      'format': _SIDECAR_FORMAT,
+      'version': _SIDECAR_VERSION,
+      'layout': self._layout,
+      'vocab_multiple': self._vocab_multiple,
+      'num_pieces': self.num_pieces,
+      'vocab_size': self.vocab_size,
+      'special_ids': self.special_ids,
+    }
+    if self._layout == 'icetk':
+      meta['ignore_linebreak'] = self._ignore_linebreak
+    if extra:
+      meta.update({k: v for k, v in extra.items() if k not in meta})
+    _atomic_write(model, self._proto)
+    _atomic_write(sidecar_path(model), (json.dumps(meta, indent=2, ensure_ascii=False) + '\n').encode())
+    return model
 
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        *,
-        layout: str | None = None,
-        vocab_multiple: int | None = None,
-        ignore_linebreak: bool | None = None,
-    ) -> "GLMTokenizer":
-        """Read ``<out>.model`` and, if present, its ``<out>.json`` sidecar.
+  # ----------------------------------------------------------- properties
 
-        ``path`` is the ``.model`` file or the same path without ``.model``.
-        Without a sidecar the layout is icetk (so ``ice_text.model`` loads as
-        is).  Keyword arguments that are not None override the sidecar.
-        Raises ValueError naming the file when it is missing or unreadable.
-        """
-        p = Path(path)
-        if not p.is_file() and p.suffix != ".model" and Path(str(p) + ".model").is_file():
-            p = Path(str(p) + ".model")
-        if not p.exists():
-            raise ValueError(f"tokenizer model file not found: {p}")
-        if not p.is_file():
-            raise ValueError(f"tokenizer model path is not a file: {p}")
-        try:
-            proto = p.read_bytes()
-        except OSError as e:
-            raise ValueError(f"cannot read tokenizer model file {p}: {e.strerror or e}") from None
-        if not proto:
-            raise ValueError(f"{p}: not a valid SentencePiece model (empty file)")
+  @property
+  def layout(self) -> str:
+    return self._layout
 
-        meta: dict = {}
-        side = sidecar_path(p)
-        if side.is_file():
-            try:
-                meta = json.loads(side.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{side}: unreadable tokenizer sidecar ({_first_line(e)})") from None
-            if not isinstance(meta, dict):
-                raise ValueError(f"{side}: tokenizer sidecar must hold a JSON object")
-            fmt = meta.get("format", _SIDECAR_FORMAT)
-            if fmt != _SIDECAR_FORMAT:
-                raise ValueError(f"{side}: unknown sidecar format {fmt!r}")
+  @property
+  def vocab_size(self) -> int:
+    """Embedding rows (150528 for icetk; pieces + 10 rounded up for compact)."""
+    return self._vocab_size
 
-        tok = cls(
-            proto,
-            layout=layout if layout is not None else meta.get("layout", "icetk"),
-            vocab_multiple=vocab_multiple if vocab_multiple is not None else meta.get("vocab_multiple", 128),
-            ignore_linebreak=(
-                ignore_linebreak if ignore_linebreak is not None else meta.get("ignore_linebreak", True)
-            ),
-            name=str(p),
-        )
-        overridden = layout is not None or vocab_multiple is not None
-        if meta and not overridden:
-            for key, actual in (
-                ("num_pieces", tok.num_pieces),
-                ("vocab_size", tok.vocab_size),
-                ("special_ids", tok.special_ids),
-            ):
-                if key in meta and meta[key] != actual:
-                    raise ValueError(
-                        f"{side}: sidecar says {key}={meta[key]!r} but {p.name} gives {actual!r} "
-                        "(model and sidecar do not belong together)"
-                    )
-        return tok
+  @property
+  def vocab_multiple(self) -> int:
+    return self._vocab_multiple
 
-    def save(self, path: str | os.PathLike, extra: Mapping | None = None) -> Path:
-        """Write ``<path>.model`` and the ``<path>.json`` sidecar atomically.
+  @property
+  def num_pieces(self) -> int:
+    """Number of SentencePiece pieces in the model."""
+    return self._num_pieces
 
-        ``path`` may end in ``.model`` or not.  ``extra`` adds informational
-        keys to the sidecar.  Returns the ``.model`` path.
-        """
-        p = Path(path)
-        model = p if p.suffix == ".model" else Path(str(p) + ".model")
-        meta = {
-            "format": _SIDECAR_FORMAT,
-            "version": _SIDECAR_VERSION,
-            "layout": self._layout,
-            "vocab_multiple": self._vocab_multiple,
-            "num_pieces": self.num_pieces,
-            "vocab_size": self.vocab_size,
-            "special_ids": self.special_ids,
-        }
-        if self._layout == "icetk":
-            meta["ignore_linebreak"] = self._ignore_linebreak
-        if extra:
-            meta.update({k: v for k, v in extra.items() if k not in meta})
-        _atomic_write(model, self._proto)
-        _atomic_write(sidecar_path(model), (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
-        return model
+  @property
+  def text_offset(self) -> int:
+    """Token id of SentencePiece piece 0 (20000 for icetk, 0 for compact)."""
+    return self._offset
 
-    # ----------------------------------------------------------- properties
+  @property
+  def sp(self) -> spm.SentencePieceProcessor:
+    """The underlying SentencePiece processor (piece ids, no offset)."""
+    return self._sp
 
-    @property
-    def layout(self) -> str:
-        return self._layout
+  @property
+  def model_proto(self) -> bytes:
+    return self._proto
 
-    @property
-    def vocab_size(self) -> int:
-        """Embedding rows (150528 for icetk; pieces + 10 rounded up for compact)."""
-        return self._vocab_size
+  @property
+  def special_ids(self) -> dict[str, int]:
+    """{name: id} for the ten specials (names as in ``SPECIAL_TOKENS``)."""
+    return dict(self._special_ids)
 
-    @property
-    def vocab_multiple(self) -> int:
-        return self._vocab_multiple
+  @property
+  def mask_id(self) -> int:
+    return self._special_ids['[MASK]']
 
-    @property
-    def num_pieces(self) -> int:
-        """Number of SentencePiece pieces in the model."""
-        return self._num_pieces
+  @property
+  def gmask_id(self) -> int:
+    return self._special_ids['[gMASK]']
 
-    @property
-    def text_offset(self) -> int:
-        """Token id of SentencePiece piece 0 (20000 for icetk, 0 for compact)."""
-        return self._offset
+  @property
+  def smask_id(self) -> int:
+    return self._special_ids['[sMASK]']
 
-    @property
-    def sp(self) -> spm.SentencePieceProcessor:
-        """The underlying SentencePiece processor (piece ids, no offset)."""
-        return self._sp
+  @property
+  def eod_id(self) -> int:
+    return self._special_ids['eod']
 
-    @property
-    def model_proto(self) -> bytes:
-        return self._proto
+  @property
+  def sop_id(self) -> int:
+    return self._special_ids['sop']
 
-    @property
-    def special_ids(self) -> dict[str, int]:
-        """{name: id} for the ten specials (names as in ``SPECIAL_TOKENS``)."""
-        return dict(self._special_ids)
+  @property
+  def eop_id(self) -> int:
+    return self._special_ids['eop']
 
-    @property
-    def mask_id(self) -> int:
-        return self._special_ids["[MASK]"]
+  @property
+  def enc_id(self) -> int:
+    return self._special_ids['ENC']
 
-    @property
-    def gmask_id(self) -> int:
-        return self._special_ids["[gMASK]"]
+  @property
+  def dblock_id(self) -> int:
+    return self._special_ids['dBLOCK']
 
-    @property
-    def smask_id(self) -> int:
-        return self._special_ids["[sMASK]"]
+  @property
+  def eos_id(self) -> int:
+    return self._special_ids['eos']
 
-    @property
-    def eod_id(self) -> int:
-        return self._special_ids["eod"]
+  @property
+  def pad_id(self) -> int:
+    return self._special_ids['pad']
 
-    @property
-    def sop_id(self) -> int:
-        return self._special_ids["sop"]
+  @property
+  def unk_id(self) -> int:
+    return self._offset + self._sp.unk_id()
 
-    @property
-    def eop_id(self) -> int:
-        return self._special_ids["eop"]
+  def get_command(self, name: str) -> int:
+    """Id of a special token by name (``'[MASK]'``, ``'sop'``, ``'<sop>'``, ``'eos'``, ...)."""
+    key = _ALIASES.get(name, name)
+    try:
+      return self._special_ids[key]
+    except KeyError:
+      raise KeyError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}") from None
 
-    @property
-    def enc_id(self) -> int:
-        return self._special_ids["ENC"]
+  def is_special(self, token_id: int) -> bool:
+    return int(token_id) in self._special_decoder
 
-    @property
-    def dblock_id(self) -> int:
-        return self._special_ids["dBLOCK"]
+  # ------------------------------------------------------------- encoding
 
-    @property
-    def eos_id(self) -> int:
-        return self._special_ids["eos"]
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text`` (no specials; see the module docstring)."""
+    if not isinstance(text, str):
+      raise TypeError(f'encode() expects str, got {type(text).__name__}')
+    sp = self._sp
+    if self._layout == 'icetk':
+      if not self._ignore_linebreak:
+        text = text.replace('\n', '<n>')
+      off = self._offset
+      return [i + off for i in sp.encode(text)]
+    if _WORD_BOUNDARY not in text:
+      return sp.encode(text)
+    out: list[int] = []
+    parts = text.split(_WORD_BOUNDARY)
+    for k, part in enumerate(parts):
+      if k:
+        out.extend(self._byte_ids_for_meta)
+      if part:
+        out.extend(sp.encode(part))
+    return out
 
-    @property
-    def pad_id(self) -> int:
-        return self._special_ids["pad"]
+  def encode_with_masks(self, text: str) -> list[int]:
+    """Encode ``text`` with literal ``[MASK]``/``[sMASK]``/``[gMASK]`` as mask ids.
 
-    @property
-    def unk_id(self) -> int:
-        return self._offset + self._sp.unk_id()
+    Step 2 of GLM-130B's ``fill_blanks``: split at ``\\[[sg]?MASK\\]``,
+    encode each non-empty segment on its own (each gets its own dummy
+    prefix in the icetk layout) and put the mask ids between them.
+    Choosing the generation mask, appending ``[gMASK]`` or eos is left to
+    the caller.
+    """
+    out: list[int] = []
+    pos = 0
+    for m in MASK_PATTERN.finditer(text):
+      if m.start() > pos:
+        out.extend(self.encode(text[pos : m.start()]))
+      out.append(self._special_ids[m.group(0)])
+      pos = m.end()
+    if pos < len(text):
+      out.extend(self.encode(text[pos:]))
+    return out
 
-    def get_command(self, name: str) -> int:
-        """Id of a special token by name (``'[MASK]'``, ``'sop'``, ``'<sop>'``, ``'eos'``, ...)."""
-        key = _ALIASES.get(name, name)
-        try:
-            return self._special_ids[key]
-        except KeyError:
-            raise KeyError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}") from None
+  # ------------------------------------------------------------- decoding
 
-    def is_special(self, token_id: int) -> bool:
-        return int(token_id) in self._special_decoder
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    """Text of ``ids``: text runs via SentencePiece, specials rendered (see module doc)."""
+    pieces: list[str] = []
+    run: list[int] = []
+    off = self._offset
+    n = self._num_pieces
+    V = self._vocab_size
 
-    # ------------------------------------------------------------- encoding
+    def flush():
+      if run:
+        text = self._sp.decode(run)
+        if self._layout == 'icetk':
+          text = text.replace('<n>', '\n')
+        pieces.append(text)
+        run.clear()
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no specials; see the module docstring)."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode() expects str, got {type(text).__name__}")
-        sp = self._sp
-        if self._layout == "icetk":
-            if not self._ignore_linebreak:
-                text = text.replace("\n", "<n>")
-            off = self._offset
-            return [i + off for i in sp.encode(text)]
-        if _WORD_BOUNDARY not in text:
-            return sp.encode(text)
-        out: list[int] = []
-        parts = text.split(_WORD_BOUNDARY)
-        for k, part in enumerate(parts):
-            if k:
-                out.extend(self._byte_ids_for_meta)
-            if part:
-                out.extend(sp.encode(part))
-        return out
+    specials = self._special_decoder
+    for raw in ids:
+      i = int(raw)
+      # Specials first: in the icetk layout eos (20002) is also SentencePiece's </s> piece; like SAT's
+      # detokenize, it splits the text and is rendered.
+      if off <= i < off + n and i not in specials:
+        run.append(i - off)
+        continue
+      if not 0 <= i < V:
+        raise ValueError(f'token id {i} is outside the vocabulary [0, {V})')
+      flush()
+      name = specials.get(i)
+      if name is not None:
+        if not skip_special_tokens:
+          pieces.append(_RENDER[name])
+      elif not skip_special_tokens:
+        pieces.append(f'<unused_{i}>')
+    flush()
+    return ''.join(pieces)
 
-    def encode_with_masks(self, text: str) -> list[int]:
-        """Encode ``text`` with literal ``[MASK]``/``[sMASK]``/``[gMASK]`` as mask ids.
+  def id_to_piece(self, token_id: int) -> str:
+    """The piece (or rendered special) of one id."""
+    i = int(token_id)
+    name = self._special_decoder.get(i)
+    if name is not None:
+      return _RENDER[name]
+    if self._offset <= i < self._offset + self._num_pieces:
+      return self._sp.id_to_piece(i - self._offset)
+    if 0 <= i < self._vocab_size:
+      return f'<unused_{i}>'
+    raise ValueError(f'token id {i} is outside the vocabulary [0, {self._vocab_size})')
 
-        Step 2 of GLM-130B's ``fill_blanks``: split at ``\\[[sg]?MASK\\]``,
-        encode each non-empty segment on its own (each gets its own dummy
-        prefix in the icetk layout) and put the mask ids between them.
-        Choosing the generation mask, appending ``[gMASK]`` or eos is left to
-        the caller.
-        """
-        out: list[int] = []
-        pos = 0
-        for m in MASK_PATTERN.finditer(text):
-            if m.start() > pos:
-                out.extend(self.encode(text[pos : m.start()]))
-            out.append(self._special_ids[m.group(0)])
-            pos = m.end()
-        if pos < len(text):
-            out.extend(self.encode(text[pos:]))
-        return out
+  def tokenize(self, text: str) -> list[str]:
+    """Pieces of ``text`` (for inspection)."""
+    return [self.id_to_piece(i) for i in self.encode(text)]
 
-    # ------------------------------------------------------------- decoding
-
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``: text runs via SentencePiece, specials rendered (see module doc)."""
-        pieces: list[str] = []
-        run: list[int] = []
-        off = self._offset
-        n = self._num_pieces
-        V = self._vocab_size
-
-        def flush():
-            if run:
-                text = self._sp.decode(run)
-                if self._layout == "icetk":
-                    text = text.replace("<n>", "\n")
-                pieces.append(text)
-                run.clear()
-
-        for raw in ids:
-            i = int(raw)
-            if off <= i < off + n:
-                run.append(i - off)
-                continue
-            if not 0 <= i < V:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {V})")
-            flush()
-            name = self._special_decoder.get(i)
-            if name is not None:
-                if not skip_special_tokens:
-                    pieces.append(_RENDER[name])
-            elif not skip_special_tokens:
-                pieces.append(f"<unused_{i}>")
-        flush()
-        return "".join(pieces)
-
-    def id_to_piece(self, token_id: int) -> str:
-        """The piece (or rendered special) of one id."""
-        i = int(token_id)
-        if self._offset <= i < self._offset + self._num_pieces:
-            return self._sp.id_to_piece(i - self._offset)
-        name = self._special_decoder.get(i)
-        if name is not None:
-            return _RENDER[name]
-        if 0 <= i < self._vocab_size:
-            return f"<unused_{i}>"
-        raise ValueError(f"token id {i} is outside the vocabulary [0, {self._vocab_size})")
-
-    def tokenize(self, text: str) -> list[str]:
-        """Pieces of ``text`` (for inspection)."""
-        return [self.id_to_piece(i) for i in self.encode(text)]
-
-    def __repr__(self) -> str:
-        return (
-            f"GLMTokenizer(layout={self._layout!r}, pieces={self._num_pieces}, "
-            f"vocab_size={self._vocab_size}, name={self._name!r})"
-        )
+  def __repr__(self) -> str:
+    return (
+      f'GLMTokenizer(layout={self._layout!r}, pieces={self._num_pieces}, '
+      f'vocab_size={self._vocab_size}, name={self._name!r})'
+    )
 
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
+  s = str(e).strip().splitlines()
+  return s[0] if s else type(e).__name__
 

@@ -54,380 +54,417 @@ import sentencepiece as spm
 from glm_jax.tokenizer import ICETK_MAX_PIECES, LAYOUTS, GLMTokenizer, sidecar_path
 
 __all__ = [
-    "TokenizerTrainingError",
-    "TrainResult",
-    "find_text_files",
-    "iter_sentences",
-    "split_long_line",
-    "train_tokenizer",
-    "MIN_VOCAB_SIZE",
-    "MODEL_TYPES",
-    "TEXT_SUFFIXES",
+  'TokenizerTrainingError',
+  'TrainResult',
+  'find_text_files',
+  'iter_sentences',
+  'split_long_line',
+  'train_tokenizer',
+  'MIN_VOCAB_SIZE',
+  'MODEL_TYPES',
+  'TEXT_SUFFIXES',
 ]
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
-MODEL_TYPES = ("bpe", "unigram")
+TEXT_SUFFIXES = ('.txt', '.jsonl')
+MODEL_TYPES = ('bpe', 'unigram')
 # <unk> + "\n" + 256 byte pieces + at least one more (compact); 4 meta + <n> + 1 (icetk).
-MIN_VOCAB_SIZE = {"compact": 259, "icetk": 6}
-_JSONL_FIELDS = ("inputs_pretokenized", "targets_pretokenized")
+MIN_VOCAB_SIZE = {'compact': 259, 'icetk': 6}
+_JSONL_FIELDS = ('inputs_pretokenized', 'targets_pretokenized')
 
 
 class TokenizerTrainingError(ValueError):
-    """Bad training input or settings; the message is one line meant for users."""
+  """Bad training input or settings; the message is one line meant for users.
+
+  ``arg`` names the ``train_tokenizer`` argument at fault (``'inputs'``, ``'vocab_size'``, ...) or is None.
+  """
+
+  def __init__(self, message: str, arg: str | None = None):
+    super().__init__(message)
+    self.arg = arg
 
 
 @dataclasses.dataclass
 class TrainResult:
-    model_path: Path
-    sidecar_path: Path
-    tokenizer: GLMTokenizer
-    num_files: int
-    num_sentences: int
-    num_bytes: int
-    seconds: float
+  model_path: Path
+  sidecar_path: Path
+  tokenizer: GLMTokenizer
+  num_files: int
+  num_sentences: int
+  num_bytes: int
+  seconds: float
 
 
 @dataclasses.dataclass
 class _Stats:
-    files: int = 0
-    sentences: int = 0
-    bytes: int = 0
-    long_lines: int = 0
-    bad_json_lines: int = 0
-    replaced_chars: int = 0
+  files: int = 0
+  sentences: int = 0
+  bytes: int = 0
+  long_lines: int = 0
+  bad_json_lines: int = 0
+  replaced_chars: int = 0
 
 
 def find_text_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and directories (recursively: ``*.txt``, ``*.jsonl``), keeping order.
+  """Expand files and directories (recursively: ``*.txt``, ``*.jsonl``), keeping order.
 
-    Raises TokenizerTrainingError for a missing path, or a directory (or the
-    whole input) without text files.
-    """
-    if not inputs:
-        raise TokenizerTrainingError("no input given")
-    files: list[Path] = []
-    seen: set[Path] = set()
-    for raw in inputs:
-        p = Path(raw).expanduser()
-        if not p.exists():
-            raise TokenizerTrainingError(f"input path does not exist: {raw}")
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*") if f.suffix.lower() in TEXT_SUFFIXES and f.is_file()
-            )
-            if not found:
-                raise TokenizerTrainingError(f"no .txt or .jsonl files found under {raw}")
-        elif p.is_file():
-            found = [p]
-        else:
-            raise TokenizerTrainingError(f"input is neither a file nor a directory: {raw}")
-        for f in found:
-            key = f.resolve()
-            if key not in seen:
-                seen.add(key)
-                files.append(f)
-    return files
+  Raises TokenizerTrainingError for a missing path, or a directory (or the
+  whole input) without text files.
+  """
+  if not inputs:
+    raise TokenizerTrainingError('no input given', 'inputs')
+  files: list[Path] = []
+  seen: set[Path] = set()
+  for raw in inputs:
+    p = Path(raw).expanduser()
+    if not p.exists():
+      raise TokenizerTrainingError(f'input path does not exist: {raw}', 'inputs')
+    if p.is_dir():
+      found = sorted(
+        f for f in p.rglob('*') if f.suffix.lower() in TEXT_SUFFIXES and f.is_file()
+      )
+      if not found:
+        raise TokenizerTrainingError(f'no .txt or .jsonl files found under {raw}', 'inputs')
+    elif p.is_file():
+      found = [p]
+    else:
+      raise TokenizerTrainingError(f'input is neither a file nor a directory: {raw}', 'inputs')
+    for f in found:
+      key = f.resolve()
+      if key not in seen:
+        seen.add(key)
+        files.append(f)
+  return files
 
 
 def split_long_line(line: str, max_bytes: int) -> list[str]:
-    """Cut ``line`` into pieces of at most ``max_bytes`` UTF-8 bytes.
+  """Cut ``line`` into pieces of at most ``max_bytes`` UTF-8 bytes.
 
-    Cuts fall after whitespace where possible, else between characters.  The
-    pieces concatenate back to ``line``.
-    """
-    if len(line.encode("utf-8")) <= max_bytes:
-        return [line]
-    chunks: list[str] = []
-    cur: list[str] = []
-    cur_bytes = 0
-    for word in re.findall(r"\S+\s*|\s+", line):
-        wb = len(word.encode("utf-8"))
-        if cur_bytes + wb <= max_bytes:
-            cur.append(word)
-            cur_bytes += wb
-            continue
-        if cur:
-            chunks.append("".join(cur))
-            cur, cur_bytes = [], 0
-        if wb <= max_bytes:
-            cur, cur_bytes = [word], wb
-            continue
-        for ch in word:  # a single word longer than the limit
-            cb = len(ch.encode("utf-8"))
-            if cur_bytes + cb > max_bytes:
-                chunks.append("".join(cur))
-                cur, cur_bytes = [], 0
-            cur.append(ch)
-            cur_bytes += cb
+  Cuts fall after whitespace where possible, else between characters.  The
+  pieces concatenate back to ``line``.
+  """
+  if len(line.encode('utf-8')) <= max_bytes:
+    return [line]
+  chunks: list[str] = []
+  cur: list[str] = []
+  cur_bytes = 0
+  for word in re.findall(r'\S+\s*|\s+', line):
+    wb = len(word.encode('utf-8'))
+    if cur_bytes + wb <= max_bytes:
+      cur.append(word)
+      cur_bytes += wb
+      continue
     if cur:
-        chunks.append("".join(cur))
-    return chunks
+      chunks.append(''.join(cur))
+      cur, cur_bytes = [], 0
+    if wb <= max_bytes:
+      cur, cur_bytes = [word], wb
+      continue
+    for ch in word:  # a single word longer than the limit
+      cb = len(ch.encode('utf-8'))
+      if cur_bytes + cb > max_bytes:
+        chunks.append(''.join(cur))
+        cur, cur_bytes = [], 0
+      cur.append(ch)
+      cur_bytes += cb
+  if cur:
+    chunks.append(''.join(cur))
+  return chunks
 
 
 def _iter_documents(path: Path, stats: _Stats) -> Iterator[str]:
-    """Documents of one file; newlines already normalised to LF."""
-    # utf-8-sig drops a leading BOM; the default newline mode turns CRLF / CR into LF.
-    with open(path, "r", encoding="utf-8-sig", errors="replace") as f:
-        if path.suffix.lower() == ".jsonl":
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    stats.bad_json_lines += 1
-                    continue
-                if not isinstance(obj, dict):
-                    stats.bad_json_lines += 1
-                    continue
-                text = obj.get("text")
-                if isinstance(text, str):
-                    yield text.replace("\r\n", "\n").replace("\r", "\n")
-                    continue
-                found = False
-                for key in _JSONL_FIELDS:
-                    value = obj.get(key)
-                    if isinstance(value, str):
-                        found = True
-                        yield value.replace("\r\n", "\n").replace("\r", "\n")
-                if not found:
-                    stats.bad_json_lines += 1
-        else:
-            for line in f:
-                yield line
+  """Documents of one file; newlines already normalised to LF.  OSError -> TokenizerTrainingError."""
+  try:
+    yield from _read_documents(path, stats)
+  except OSError as e:
+    raise TokenizerTrainingError(f'cannot read {path}: {e.strerror or e}', 'inputs') from None
+
+
+def _read_documents(path: Path, stats: _Stats) -> Iterator[str]:
+  # utf-8-sig drops a leading BOM; the default newline mode turns CRLF / CR into LF.
+  with open(path, 'r', encoding='utf-8-sig', errors='replace') as f:
+    if path.suffix.lower() == '.jsonl':
+      for line in f:
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError:
+          stats.bad_json_lines += 1
+          continue
+        if not isinstance(obj, dict):
+          stats.bad_json_lines += 1
+          continue
+        text = obj.get('text')
+        if isinstance(text, str):
+          yield text.replace('\r\n', '\n').replace('\r', '\n')
+          continue
+        found = False
+        for key in _JSONL_FIELDS:
+          value = obj.get(key)
+          if isinstance(value, str):
+            found = True
+            yield value.replace('\r\n', '\n').replace('\r', '\n')
+        if not found:
+          stats.bad_json_lines += 1
+    else:
+      for line in f:
+        yield line
 
 
 def iter_sentences(
-    files: Sequence[Path],
-    max_sentence_length: int = 4192,
-    progress: Callable[[str], None] | None = None,
-    stats: _Stats | None = None,
-    report_every: int = 200_000,
+  files: Sequence[Path],
+  max_sentence_length: int = 4192,
+  progress: Callable[[str], None] | None = None,
+  stats: _Stats | None = None,
+  report_every: int = 200_000,
 ) -> Iterator[str]:
-    """The training sentences: non-blank lines, long ones cut below ``max_sentence_length`` bytes."""
-    stats = stats if stats is not None else _Stats()
-    t0 = time.monotonic()
-    next_report = report_every
-    for k, path in enumerate(files, 1):
-        if progress:
-            progress(f"reading [{k}/{len(files)}] {path}")
-        stats.files += 1
-        for doc in _iter_documents(path, stats):
-            for line in doc.split("\n"):
-                if not line.strip():
-                    continue
-                stats.replaced_chars += line.count("\ufffd")
-                chunks = split_long_line(line, max_sentence_length)
-                if len(chunks) > 1:
-                    stats.long_lines += 1
-                for chunk in chunks:
-                    stats.sentences += 1
-                    stats.bytes += len(chunk.encode("utf-8"))
-                    yield chunk
-                    if progress and stats.sentences >= next_report:
-                        next_report += report_every
-                        progress(
-                            f"  {stats.sentences:,} sentences, {stats.bytes / 1e6:.1f} MB, "
-                            f"{time.monotonic() - t0:.1f}s"
-                        )
+  """The training sentences: non-blank lines, long ones cut below ``max_sentence_length`` bytes."""
+  stats = stats if stats is not None else _Stats()
+  t0 = time.monotonic()
+  next_report = report_every
+  for k, path in enumerate(files, 1):
     if progress:
-        extra = []
-        if stats.long_lines:
-            extra.append(f"{stats.long_lines:,} over-long lines cut into chunks")
-        if stats.bad_json_lines:
-            extra.append(f"{stats.bad_json_lines:,} unusable jsonl lines skipped")
-        if stats.replaced_chars:
-            extra.append(f"{stats.replaced_chars:,} undecodable bytes replaced")
-        progress(
-            f"read {stats.sentences:,} sentences ({stats.bytes / 1e6:.1f} MB) from {stats.files} files "
-            f"in {time.monotonic() - t0:.1f}s" + (f" ({'; '.join(extra)})" if extra else "")
-        )
+      progress(f'reading [{k}/{len(files)}] {path}')
+    stats.files += 1
+    for doc in _iter_documents(path, stats):
+      for line in doc.split('\n'):
+        if not line.strip():
+          continue
+        stats.replaced_chars += line.count('\ufffd')
+        chunks = split_long_line(line, max_sentence_length)
+        if len(chunks) > 1:
+          stats.long_lines += 1
+        for chunk in chunks:
+          stats.sentences += 1
+          stats.bytes += len(chunk.encode('utf-8'))
+          yield chunk
+          if progress and stats.sentences >= next_report:
+            next_report += report_every
+            progress(
+              f'  {stats.sentences:,} sentences, {stats.bytes / 1e6:.1f} MB, '
+              f'{time.monotonic() - t0:.1f}s'
+            )
+  if progress:
+    extra = []
+    if stats.long_lines:
+      extra.append(f'{stats.long_lines:,} over-long lines cut into chunks')
+    if stats.bad_json_lines:
+      extra.append(f'{stats.bad_json_lines:,} unusable jsonl lines skipped')
+    if stats.replaced_chars:
+      extra.append(f'{stats.replaced_chars:,} undecodable bytes replaced')
+    progress(
+      f'read {stats.sentences:,} sentences ({stats.bytes / 1e6:.1f} MB) from {stats.files} files '
+      f'in {time.monotonic() - t0:.1f}s' + (f" ({'; '.join(extra)})" if extra else '')
+    )
 
 
 def _trainer_options(layout: str) -> dict:
-    if layout == "compact":
-        return dict(
-            normalization_rule_name="identity",
-            add_dummy_prefix=False,
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            byte_fallback=True,
-            user_defined_symbols=["\n"],
-            unk_id=0,
-            bos_id=-1,
-            eos_id=-1,
-            pad_id=-1,
-        )
-    return dict(  # icetk stand-in: SentencePiece defaults, ice_text.model's meta pieces
-        normalization_rule_name="nmt_nfkc",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=True,
-        byte_fallback=False,
-        user_defined_symbols=["<n>"],
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
+  if layout == 'compact':
+    return dict(
+      normalization_rule_name='identity',
+      add_dummy_prefix=False,
+      remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True,
+      byte_fallback=True,
+      user_defined_symbols=['\n'],
+      unk_id=0,
+      bos_id=-1,
+      eos_id=-1,
+      pad_id=-1,
     )
+  return dict(  # icetk stand-in: SentencePiece defaults, ice_text.model's meta pieces
+    normalization_rule_name='nmt_nfkc',
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=True,
+    byte_fallback=False,
+    user_defined_symbols=['<n>'],
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=3,
+  )
 
 
-def _explain_sentencepiece_error(e: BaseException, vocab_size: int, character_coverage: float) -> str:
-    msg = str(e)
-    m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
-    if m:
-        return (
-            f"vocab size {vocab_size} is too small: the characters kept by character coverage "
-            f"{character_coverage} plus reserved pieces need {m.group(2)}; raise the vocab size "
-            "or lower the character coverage"
-        )
-    m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
-    if m:
-        return f"vocab size {vocab_size} is too large for this corpus; use at most {m.group(2)} or add text"
-    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
-    return "sentencepiece training failed: " + (lines[-1] if lines else type(e).__name__)
+def _explain_sentencepiece_error(
+  e: BaseException, vocab_size: int, character_coverage: float
+) -> tuple[str, str | None]:
+  """A one-line message (and the argument at fault) for a SentencePiece training error."""
+  msg = str(e)
+  m = re.search(r'Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)', msg)
+  if m:
+    return (
+      f'vocab size {vocab_size} is too small: the characters kept by character coverage '
+      f'{character_coverage} plus reserved pieces need {m.group(2)}; raise the vocab size '
+      'or lower the character coverage',
+      'vocab_size',
+    )
+  m = re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', msg)
+  if m:
+    return (
+      f'vocab size {vocab_size} is too large for this corpus; use at most {m.group(2)} or add text',
+      'vocab_size',
+    )
+  lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+  return 'sentencepiece training failed: ' + (lines[0] if lines else type(e).__name__), None
 
 
 def train_tokenizer(
-    inputs: Sequence[str | os.PathLike],
-    vocab_size: int,
-    out_path: str | os.PathLike,
-    layout: str = "compact",
-    model_type: str = "bpe",
-    *,
-    character_coverage: float = 0.9995,
-    input_sentence_size: int = 1_000_000,
-    max_sentence_length: int = 4192,
-    vocab_multiple: int = 128,
-    num_threads: int | None = None,
-    seed: int | None = None,
-    progress: Callable[[str], None] | None = None,
-    verbose: bool = False,
+  inputs: Sequence[str | os.PathLike],
+  vocab_size: int,
+  out_path: str | os.PathLike,
+  layout: str = 'compact',
+  model_type: str = 'bpe',
+  *,
+  character_coverage: float = 0.9995,
+  input_sentence_size: int = 1_000_000,
+  max_sentence_length: int = 4192,
+  vocab_multiple: int = 128,
+  num_threads: int | None = None,
+  seed: int | None = None,
+  progress: Callable[[str], None] | None = None,
+  verbose: bool = False,
 ) -> TrainResult:
-    """Train a SentencePiece model and save it as ``<out>.model`` + ``<out>.json``.
+  """Train a SentencePiece model and save it as ``<out>.model`` + ``<out>.json``.
 
-    Args:
-      inputs: files and/or directories (searched recursively for .txt/.jsonl).
-      vocab_size: number of SentencePiece pieces (embedding rows are reported
-        by the returned tokenizer's ``vocab_size``).
-      out_path: output prefix; ``.model`` is appended unless already there.
-      layout: ``"compact"`` (exact round trip, byte fallback) or ``"icetk"``
-        (a stand-in for GLM-130B's ice_text.model).
-      model_type: ``"bpe"`` (fast) or ``"unigram"`` (what icetk used; slower).
-      character_coverage: fraction of characters the pieces must cover
-        (0.9995 suits Chinese; tiny vocabularies need less).
-      input_sentence_size: at most this many sentences are sampled for
-        training (0 = all).
-      max_sentence_length: longer lines are cut into chunks (bytes).
-      vocab_multiple: compact layout: round the embedding rows up to this.
-      num_threads: SentencePiece threads (default: CPU count, at most 16).
-      seed: seed SentencePiece's random generator (sentence sampling).
-      progress: called with one-line progress messages.
-      verbose: let SentencePiece print its own log.
+  Args:
+    inputs: files and/or directories (searched recursively for .txt/.jsonl).
+    vocab_size: number of SentencePiece pieces (embedding rows are reported
+      by the returned tokenizer's ``vocab_size``).
+    out_path: output prefix; ``.model`` is appended unless already there.
+    layout: ``"compact"`` (exact round trip, byte fallback) or ``"icetk"``
+      (a stand-in for GLM-130B's ice_text.model).
+    model_type: ``"bpe"`` (fast) or ``"unigram"`` (what icetk used; slower).
+    character_coverage: fraction of characters the pieces must cover
+      (0.9995 suits Chinese; tiny vocabularies need less).
+    input_sentence_size: at most this many sentences are sampled for
+      training (0 = all).
+    max_sentence_length: longer lines are cut into chunks (bytes).
+    vocab_multiple: compact layout: round the embedding rows up to this.
+    num_threads: SentencePiece threads (default: CPU count, at most 16).
+    seed: seed SentencePiece's random generator (sentence sampling).
+    progress: called with one-line progress messages.
+    verbose: let SentencePiece print its own log.
 
-    Raises TokenizerTrainingError (a ValueError) with a one-line message for
-    bad inputs or settings.  Writes are atomic (temporary file + rename).
-    """
-    t0 = time.monotonic()
-    if layout not in LAYOUTS:
-        raise TokenizerTrainingError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if model_type not in MODEL_TYPES:
-        raise TokenizerTrainingError(
-            f"unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}"
-        )
-    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE[layout]:
-        raise TokenizerTrainingError(
-            f"vocab size {vocab_size} is too small: the {layout} layout needs at least "
-            f"{MIN_VOCAB_SIZE[layout]} pieces"
-            + (" (<unk>, newline and 256 byte pieces are reserved)" if layout == "compact" else "")
-        )
-    if layout == "icetk" and vocab_size > ICETK_MAX_PIECES:
-        raise TokenizerTrainingError(
-            f"vocab size {vocab_size} is too large for the icetk layout (at most {ICETK_MAX_PIECES})"
-        )
-    if not 0.0 < character_coverage <= 1.0:
-        raise TokenizerTrainingError(f"character coverage must be in (0, 1], got {character_coverage}")
-    if max_sentence_length < 16:
-        raise TokenizerTrainingError(f"max sentence length must be at least 16, got {max_sentence_length}")
-    if vocab_multiple < 1:
-        raise TokenizerTrainingError(f"vocab multiple must be at least 1, got {vocab_multiple}")
-    if input_sentence_size < 0:
-        raise TokenizerTrainingError(f"input sentence size must be >= 0, got {input_sentence_size}")
-
-    out = Path(out_path).expanduser()
-    if out.is_dir():
-        raise TokenizerTrainingError(f"output path is a directory, expected a file prefix: {out_path}")
-    model_path = out if out.suffix == ".model" else Path(str(out) + ".model")
-    try:
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TokenizerTrainingError(
-            f"cannot create output directory {model_path.parent}: {e.strerror or e}"
-        ) from None
-
-    files = find_text_files(inputs)
-    stats = _Stats()
-    sentences = iter_sentences(files, max_sentence_length, progress, stats)
-    try:
-        first = next(sentences)
-    except StopIteration:
-        raise TokenizerTrainingError(
-            f"no text found in the inputs ({len(files)} files, all empty or blank): "
-            + ", ".join(str(i) for i in inputs)
-        ) from None
-
-    def all_sentences() -> Iterator[str]:
-        yield first
-        yield from sentences
-
-    if seed is not None:
-        spm.set_random_generator_seed(int(seed))
-    threads = num_threads if num_threads else min(os.cpu_count() or 1, 16)
-    proto = io.BytesIO()
-    options = _trainer_options(layout)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=all_sentences(),
-            model_writer=proto,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            max_sentence_length=max_sentence_length,
-            num_threads=threads,
-            minloglevel=0 if verbose else 2,
-            **options,
-        )
-    except RuntimeError as e:
-        raise TokenizerTrainingError(
-            _explain_sentencepiece_error(e, vocab_size, character_coverage)
-        ) from None
-    if progress:
-        progress(f"trained {model_type} model with {vocab_size} pieces in {time.monotonic() - t0:.1f}s")
-
-    tokenizer = GLMTokenizer(
-        proto.getvalue(), layout=layout, vocab_multiple=vocab_multiple, name=str(model_path)
+  Raises TokenizerTrainingError (a ValueError) with a one-line message for
+  bad inputs or settings.  Writes are atomic (temporary file + rename).
+  """
+  t0 = time.monotonic()
+  if layout not in LAYOUTS:
+    raise TokenizerTrainingError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}", 'layout')
+  if model_type not in MODEL_TYPES:
+    raise TokenizerTrainingError(
+      f"unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}", 'model_type'
     )
-    try:
-        tokenizer.save(
-            model_path,
-            extra={
-                "model_type": model_type,
-                "character_coverage": character_coverage,
-                "input_sentence_size": input_sentence_size,
-                "num_training_sentences": stats.sentences,
-                "inputs": [str(i) for i in inputs],
-                "sentencepiece_version": spm.__version__,
-            },
-        )
-    except OSError as e:
-        raise TokenizerTrainingError(f"cannot write {model_path}: {e.strerror or e}") from None
-    return TrainResult(
-        model_path=model_path,
-        sidecar_path=sidecar_path(model_path),
-        tokenizer=tokenizer,
-        num_files=stats.files,
-        num_sentences=stats.sentences,
-        num_bytes=stats.bytes,
-        seconds=time.monotonic() - t0,
+  if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE[layout]:
+    raise TokenizerTrainingError(
+      f'vocab size {vocab_size} is too small: the {layout} layout needs at least '
+      f'{MIN_VOCAB_SIZE[layout]} pieces'
+      + (' (<unk>, newline and 256 byte pieces are reserved)' if layout == 'compact' else ''),
+      'vocab_size',
     )
+  if layout == 'icetk' and vocab_size > ICETK_MAX_PIECES:
+    raise TokenizerTrainingError(
+      f'vocab size {vocab_size} is too large for the icetk layout (at most {ICETK_MAX_PIECES})', 'vocab_size'
+    )
+  if not 0.0 < character_coverage <= 1.0:
+    raise TokenizerTrainingError(
+      f'character coverage must be in (0, 1], got {character_coverage}', 'character_coverage'
+    )
+  if max_sentence_length < 16:
+    raise TokenizerTrainingError(
+      f'max sentence length must be at least 16, got {max_sentence_length}', 'max_sentence_length'
+    )
+  if vocab_multiple < 1:
+    raise TokenizerTrainingError(f'vocab multiple must be at least 1, got {vocab_multiple}', 'vocab_multiple')
+  if input_sentence_size < 0:
+    raise TokenizerTrainingError(
+      f'input sentence size must be >= 0, got {input_sentence_size}', 'input_sentence_size'
+    )
+
+  out = Path(out_path).expanduser()
+  if out.is_dir():
+    raise TokenizerTrainingError(f'output path is a directory, expected a file prefix: {out_path}', 'out_path')
+  model_path = out if out.suffix == '.model' else Path(str(out) + '.model')
+
+  files = find_text_files(inputs)
+  stats = _Stats()
+  sentences = iter_sentences(files, max_sentence_length, progress, stats)
+  try:
+    first = next(sentences)
+  except StopIteration:
+    raise TokenizerTrainingError(
+      f'no text found in the inputs ({len(files)} files, all empty or blank): '
+      + ', '.join(str(i) for i in inputs),
+      'inputs',
+    ) from None
+  try:  # fail before training, not after it
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise TokenizerTrainingError(
+      f'cannot create output directory {model_path.parent}: {e.strerror or e}', 'out_path'
+    ) from None
+
+  reader_errors: list[BaseException] = []
+
+  def all_sentences() -> Iterator[str]:
+    # SentencePiece turns an exception raised by the iterator into a RuntimeError; keep the original.
+    try:
+      yield first
+      yield from sentences
+    except BaseException as e:
+      reader_errors.append(e)
+      raise
+
+  if seed is not None:
+    spm.set_random_generator_seed(int(seed))
+  threads = num_threads if num_threads else min(os.cpu_count() or 1, 16)
+  proto = io.BytesIO()
+  options = _trainer_options(layout)
+  try:
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=all_sentences(),
+      model_writer=proto,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=character_coverage,
+      input_sentence_size=input_sentence_size,
+      shuffle_input_sentence=True,
+      max_sentence_length=max_sentence_length,
+      num_threads=threads,
+      minloglevel=0 if verbose else 2,
+      **options,
+    )
+  except RuntimeError as e:
+    if reader_errors:
+      raise reader_errors[0] from None
+    message, arg = _explain_sentencepiece_error(e, vocab_size, character_coverage)
+    raise TokenizerTrainingError(message, arg) from None
+  if progress:
+    progress(f'trained {model_type} model with {vocab_size} pieces in {time.monotonic() - t0:.1f}s')
+
+  tokenizer = GLMTokenizer(
+    proto.getvalue(), layout=layout, vocab_multiple=vocab_multiple, name=str(model_path)
+  )
+  try:
+    tokenizer.save(
+      model_path,
+      extra={
+        'model_type': model_type,
+        'character_coverage': character_coverage,
+        'input_sentence_size': input_sentence_size,
+        'num_training_sentences': stats.sentences,
+        'inputs': [str(i) for i in inputs],
+        'sentencepiece_version': spm.__version__,
+      },
+    )
+  except OSError as e:
+    raise TokenizerTrainingError(f'cannot write {model_path}: {e.strerror or e}', 'out_path') from None
+  return TrainResult(
+    model_path=model_path,
+    sidecar_path=sidecar_path(model_path),
+    tokenizer=tokenizer,
+    num_files=stats.files,
+    num_sentences=stats.sentences,
+    num_bytes=stats.bytes,
+    seconds=time.monotonic() - t0,
+  )

@@ -1,0 +1,120 @@
+"""Model-level checks that need no reference: the 130B shapes, config errors, initialisation, dropout, cache."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax import GLM, count_params, init_cache, init_params
+from tests.conftest import REPO, load_config
+
+
+def test_glm130b_parameter_count_by_abstract_evaluation():
+  sys.path.insert(0, str(REPO / 'launch'))
+  import inspect_model
+  config = load_config('glm_130b')
+  rows = inspect_model.parameter_table(config, dict(data=1, fsdp=1, tensor=8, stage=1))
+  assert sum(r[3] for r in rows) == 128_697_794_560
+  by_name = {r[0]: r for r in rows}
+  # Tensor parallelism over 8: whole heads and whole GeGLU columns per device, LayerNorms replicated.
+  assert by_name['layers.attention.qkv_kernel'][4] == 70 * 12288 * 12 * 3 * 128 * 2
+  assert by_name['layers.input_layernorm.scale'][4] == 70 * 12288 * 2
+
+
+def test_inspect_model_cli_rejects_a_bad_mesh_in_one_line():
+  proc = subprocess.run([sys.executable, 'launch/inspect_model.py', '--config', 'configs/tiny.py',
+                         '--mesh', 'tensor=two'], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: --mesh: bad entry')
+  assert 'Traceback' not in proc.stderr
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match='unknown field'):
+    GLM(dict(load_config('tiny').model.to_dict(), num_layer=3))
+  with pytest.raises(ValueError, match='hidden_size=250 is not divisible'):
+    GLM(load_config('tiny', hidden_size=250).model)
+  with pytest.raises(ValueError, match='config.model.dtype'):
+    GLM(load_config('tiny', dtype='float64').model)
+
+
+@pytest.fixture(scope='module')
+def small_model():
+  config = load_config('tiny', num_layers=2, hidden_size=128, num_attention_heads=4, inner_hidden_size=340,
+                       vocab_size=256, max_sequence_length=64, hidden_dropout=0.1, attention_dropout=0.1,
+                       embedding_dropout=0.1)
+  model = GLM(config.model)
+  return config, model, init_params(model, config.model, jax.random.key(0))
+
+
+def test_deepnorm_initialisation(small_model):
+  config, _, params = small_model
+  n_layers, d = config.model.num_layers, config.model.hidden_size
+  beta = (2 * n_layers) ** -0.5
+  qkv = np.asarray(params['layers']['attention']['qkv_kernel'])  # [L, D, N, 3, H]
+  np.testing.assert_allclose(qkv[..., 0, :].std(), (3 * d) ** -0.5, rtol=0.05)  # q: N(0, init_std)
+  np.testing.assert_allclose(qkv[..., 2, :].std(), beta * np.sqrt(2 / (2 * d)), rtol=0.05)  # v: Xavier * beta
+  f = config.model.inner_hidden_size
+  np.testing.assert_allclose(np.asarray(params['layers']['mlp']['4h_to_h_kernel']).std(),
+                             beta * np.sqrt(2 / (f + d)), rtol=0.05)
+  assert not np.any(np.asarray(params['layers']['mlp']['h_to_4h_bias']))
+  np.testing.assert_array_equal(np.asarray(params['layers']['input_layernorm']['scale']), 1.0)
+
+
+def test_dropout_only_in_training(small_model):
+  config, model, params = small_model
+  s = 12
+  tokens = jnp.arange(2 * s, dtype=jnp.int32).reshape(2, s) % 256
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s))
+  mask = jnp.tril(jnp.ones((s, s), bool))[None, None]
+  eval_a = model.apply({'params': params}, tokens, pos, mask)
+  eval_b = model.apply({'params': params}, tokens, pos, mask, deterministic=True)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train = model.apply({'params': params}, tokens, pos, mask, deterministic=False,
+                      rngs={'dropout': jax.random.key(1)})
+  assert np.abs(np.asarray(train) - np.asarray(eval_a)).max() > 1e-3
+
+
+def test_separate_input_embedding_only_changes_the_lookup(small_model):
+  config, model, params = small_model
+  s = 6
+  tokens = jnp.array([[1, 2, 3, 4, 5, 6]], jnp.int32)
+  pos = jnp.arange(s, dtype=jnp.int32)[None]
+  mask = jnp.ones((1, 1, s, s), bool)
+  same = model.apply({'params': params}, tokens, pos, mask, input_embedding=params['word_embeddings'])
+  np.testing.assert_array_equal(same, model.apply({'params': params}, tokens, pos, mask))
+  other = model.apply({'params': params}, tokens, pos, mask, input_embedding=params['word_embeddings'][::-1])  # LN would undo a scale
+  assert np.abs(np.asarray(other) - np.asarray(same)).max() > 1e-3
+
+
+def test_mask_must_be_bool(small_model):
+  _, model, params = small_model
+  with pytest.raises(TypeError, match='True = may attend'):
+    model.apply({'params': params}, jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32),
+                jnp.ones((1, 1, 4, 4), jnp.float32))
+
+
+def test_cache_prefill_then_steps_equal_full_forward(small_model):
+  config, model, params = small_model
+  b, c, total, t_max = 2, 5, 9, 16
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 256, (b, total)).astype(np.int32)
+  pos = np.broadcast_to(np.arange(total, dtype=np.int32), (b, total))
+  may = np.tril(np.ones((total, total), bool))
+  may[:, :c] = True
+  full = np.asarray(model.apply({'params': params}, tokens, pos, may[None, None]))
+  cache = init_cache(config.model, b, t_max)
+  assert cache['k'].shape == (2, b, t_max, 4, 32)
+  m = np.zeros((1, 1, total, t_max), bool)
+  m[..., :total] = may
+  logits, cache = model.apply({'params': params}, tokens[:, :c], pos[:, :c], m[..., :c, :], cache=cache,
+                              cache_index=0)
+  np.testing.assert_allclose(logits, full[:, :c], atol=1e-5)
+  for t in range(c, total):
+    logits, cache = model.apply({'params': params}, tokens[:, t:t + 1], pos[:, t:t + 1], m[..., t:t + 1, :],
+                                cache=cache, cache_index=t)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+  assert count_params(params) > 0
