@@ -18,4 +18,11 @@ def get_config():
   m.rope_precision = 'fp32'
   m.dtype = 'float32'
   m.param_dtype = 'float32'
+  t = config.train
+  t.batch_size = 16
+  t.seq_len = 512
+  t.learning_rate = 6e-4
+  t.warmup_steps = 200
+  t.decay_steps = 5000
+  config.run.steps = 5000
   return config

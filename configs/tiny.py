@@ -18,4 +18,16 @@ def get_config():
   m.rope_precision = 'fp32'
   m.dtype = 'float32'
   m.param_dtype = 'float32'
+  # The CPU quickstart: a few minutes of training on the sample corpus.
+  t = config.train
+  t.batch_size = 8
+  t.seq_len = 128
+  t.learning_rate = 2e-3
+  t.warmup_steps = 30
+  t.decay_steps = 400
+  r = config.run
+  r.steps = 400
+  r.log_every = 10
+  r.eval_every = 200
+  r.save_every = 100
   return config

@@ -88,5 +88,95 @@ def default_config() -> ml_collections.ConfigDict:
   config.model = model_defaults()
   config.mesh = mesh_defaults()
   config.axis_rules = axis_rules_defaults()
-  config.seed = 0
+  config.train = train_defaults()
+  config.data = data_defaults()
+  config.run = run_defaults()
+  config.seed = 0  # parameter initialisation, dropout and the data order all derive from it
   return config
+
+
+def train_defaults() -> ml_collections.ConfigDict:
+  """The `config.train` fields: optimiser, schedule, batch, Embedding Gradient Shrink, loss scaling.
+
+  Values are GLM-130B's starting configuration (glm130b.md §3.2-3.3, PAPER Table 11); the run itself changed the
+  learning rate and the EGS alpha later (§10 item 19). Tiny and small configs override the sizes and the rate.
+  Step counts are optimiser updates (one update = one global batch, after gradient accumulation); the schedules
+  count *applied* updates, so a step skipped for non-finite gradients does not advance them.
+  """
+  t = ml_collections.ConfigDict()
+  # --- AdamW (decoupled weight decay, no decay on biases and LayerNorm parameters; the embedding is decayed) --------
+  t.learning_rate = 8e-5  # peak learning rate: GLM-130B's 8e-5
+  t.min_lr_ratio = 0.1  # cosine floor = learning_rate * min_lr_ratio (GLM-130B: 8e-6, i.e. 0.1)
+  t.warmup_steps = 260  # linear warm-up from 0 to learning_rate (GLM-130B: 0.5% of samples, ~1.1M / 4224)
+  t.decay_steps = 46817  # the floor is reached at this update, warm-up included (GLM-130B: ~197.8M samples / 4224)
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.weight_decay = 0.1
+  t.clip_norm = 1.0  # global-norm clipping of the (EGS-shrunk, unscaled) gradients; 0 = off
+  # --- batch ----------------------------------------------------------------------------------------------------------
+  t.batch_size = 4224  # global batch (sequences per update); GLM-130B: 4224
+  t.seq_len = 2048
+  # Micro-batches per update, run as a scan inside the jitted step; batch_size must be divisible by it (and each
+  # micro-batch by the data x fsdp mesh size). The loss is the mean over all loss tokens of the global batch,
+  # whatever this value (see glm_jax/train/step.py).
+  t.grad_accum_steps = 1
+  # --- Embedding Gradient Shrink (only the gradient through the input lookup is multiplied by alpha) --------------
+  t.egs_alpha = 0.1  # GLM-130B's shrink_embedding_gradient_alpha; 1.0 = EGS off
+  # Optional linear warm-up of alpha from egs_alpha to 1 over egs_warmup_steps updates starting at update
+  # egs_warmup_start (GLM-130B did this from step ~6000 over 500 steps, `--shrink-embedding-gradient-steps 6000 500`).
+  # egs_warmup_steps = 0: alpha stays at egs_alpha.
+  t.egs_warmup_start = 0
+  t.egs_warmup_steps = 0
+  # --- dynamic loss scaling: used automatically when config.model.dtype == 'float16' (GLM-130B's fp16 run) --------
+  t.loss_scale_init = 65536.0  # 2^16
+  t.loss_scale_window = 2000  # the scale doubles after this many consecutive finite steps
+  t.loss_scale_hysteresis = 2  # overflows tolerated before the scale is halved (reset when the scale grows)
+  t.loss_scale_min = 1.0
+  return t
+
+
+def data_defaults() -> ml_collections.ConfigDict:
+  """The `config.data` fields: corpora, GLM-130B's objective mix (glm130b.md §3.4) and the held-out split.
+
+  Read by `glm_jax.data.TrainBatches` / `heldout_batches` (see glm_jax/data/). The shared data folder is
+  `<repository>/../shared/data`, or `$GLM_JAX_DATA` when set.
+  """
+  import os
+  from pathlib import Path
+
+  data_root = Path(os.environ.get('GLM_JAX_DATA') or Path(__file__).resolve().parents[2] / 'shared' / 'data')
+  d = ml_collections.ConfigDict()
+  # Pre-training text: files or folders (searched recursively for .txt / .jsonl with a "text" field). A
+  # comma-separated string is accepted too, e.g. --config.data.corpus_paths=/data/a,/data/b.
+  d.corpus_paths = tuple(str(data_root / name) for name in ('tinyshakespeare', 'gutenberg_en', 'classics_zh'))
+  d.data_root = str(data_root)  # where build_instruction_set finds FewCLUE / XCOPA-zh / MMLU when mip_path is ''
+  d.strip_gutenberg = True  # keep only the text between Project Gutenberg's *** START OF / *** END OF lines
+  d.heldout_fraction = 0.01  # the last 1% of each corpus file (cut at a line boundary): evaluation only
+  # Objectives, per sequence (§3.4).
+  d.mask_prob = 0.3  # P([MASK] span corruption) for a self-supervised sequence; the rest are [gMASK]
+  d.mask_ratio = 0.15  # [MASK]: fraction of a sample's source tokens covered by spans
+  d.poisson_lambda = 3.0  # [MASK]: span lengths ~ max(1, Poisson(lambda))
+  d.min_gmask_ratio = 0.2  # [gMASK]: masked tail length ~ uniform [ceil(ratio * n), n - 1]
+  d.samples_per_sequence = 4  # [MASK] and MIP samples are seq_len // this long, packed this many to a sequence
+  # Multi-task instruction pre-training.
+  d.mip_share = 0.05  # share of sequences (hence of token positions) holding instruction samples
+  # MIP jsonl file or folder of them ({"inputs_pretokenized", "targets_pretokenized"}); '' = build from data_root.
+  d.mip_path = ''
+  return d
+
+
+def run_defaults() -> ml_collections.ConfigDict:
+  """The `config.run` fields: length of the run, logging, evaluation, checkpoints, tokenizer (launch/train.py)."""
+  r = ml_collections.ConfigDict()
+  r.steps = 1000  # optimiser updates in the whole run (a resumed run continues up to this)
+  r.log_every = 10  # steps between metric records (metrics.jsonl, TensorBoard, the progress bar)
+  r.eval_every = 250  # steps between held-out evaluations (loss and bits per byte over the whole held-out split)
+  r.eval_batch_size = 8  # held-out windows per evaluation batch
+  r.save_every = 250  # steps between checkpoints (always one at the end, and on SIGTERM)
+  r.keep_checkpoints = 3  # the newest N complete checkpoints are kept
+  r.tensorboard = True  # also write TensorBoard event files (metrics.jsonl is always written)
+  r.peak_flops = 0.0  # the machine's peak FLOP/s for model FLOP utilisation; 0 = measure an fp32 matmul at start
+  r.tokenizer = ''  # a GLMTokenizer .model file; '' = the run directory's own, trained on the corpus if missing
+  r.tokenizer_vocab_size = 8182  # pieces of a tokenizer trained by the run (+10 specials = 8192 ids)
+  return r

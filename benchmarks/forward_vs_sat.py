@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""Forward pass of the `small` GLM: glm-jax (Flax, jit) against SAT's GLM130B (PyTorch), fp32, one CPU core each.
+
+    python benchmarks/forward_vs_sat.py                       # sizes 1x64 and 8x256, 5 timed runs each
+    python benchmarks/forward_vs_sat.py --sizes 8x256 --repeats 3
+
+What it does, in one process:
+  1. pins the whole process to one core (os.sched_setaffinity, before numpy/torch/jax are imported, so every thread
+     they start inherits the one-core mask) and also asks each framework for one thread: XLA_FLAGS
+     --xla_cpu_multi_thread_eigen=false (no Eigen intra-op pool), JAX_PLATFORMS=cpu; torch.set_num_threads(1),
+     set_num_interop_threads(1), torch.no_grad(); OMP/OpenBLAS/MKL_NUM_THREADS=1 for numpy;
+  2. builds SAT's GLM130B at configs/small.py with random weights (std 0.02, tests/sat_reference.py), converts its
+     state dict with glm_jax.sat_convert.from_sat_state_dict, and checks max|dlogits| <= 1e-4 max|ref| at every
+     size before timing (exit 1 otherwise): both sides compute the same function with the same weights;
+  3. times each size after a jit warm-up: rounds of (JAX forward, SAT forward, square fp32 matmul in jax / torch /
+     numpy), the order of JAX and SAT alternating between rounds, so that all of them share the machine's noise;
+  4. reports median times, JAX/SAT, and the achieved FLOP/s of the JAX forward as a fraction of the peak: the best
+     single-core matmul FLOP/s seen in the same run (max over jax, torch and numpy, which is named).
+
+The machine is shared: read the ratios, not the absolute times. Exit status 0 unless the parity check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA_ONE_THREAD = '--xla_cpu_multi_thread_eigen=false'
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog='\n\n'.join(__doc__.split('\n\n')[1:]))
+  p.add_argument('--sizes', default='1x64,8x256',
+                 help='comma-separated BATCHxSEQ sizes (default: %(default)s)')
+  p.add_argument('--repeats', type=int, default=5,
+                 help='timed rounds per size, the median is reported (default: %(default)s)')
+  p.add_argument('--warmup', type=int, default=2,
+                 help='untimed calls of each framework per size after compilation (default: %(default)s)')
+  p.add_argument('--core', type=int, default=None,
+                 help='CPU core to pin the process to (default: the least busy allowed core, sampled at start)')
+  p.add_argument('--no-pin', action='store_true',
+                 help='do not pin to one core (the frameworks are still asked for one thread)')
+  p.add_argument('--peak-n', type=int, default=2048,
+                 help='side of the square fp32 matmul that measures peak FLOP/s (default: %(default)s)')
+  p.add_argument('--config', default='small', help='config module under configs/ (default: %(default)s)')
+  p.add_argument('--seed', type=int, default=0, help='seed of the random weights and tokens')
+  args = p.parse_args(argv)
+  try:
+    args.sizes = [tuple(int(v) for v in s.lower().split('x')) for s in args.sizes.split(',') if s.strip()]
+    assert args.sizes and all(len(s) == 2 and min(s) > 0 for s in args.sizes)
+  except (ValueError, AssertionError):
+    p.error(f'--sizes must look like 1x64,8x256, got {args.sizes!r}')
+  if args.repeats < 1:
+    p.error('--repeats must be >= 1')
+  return args
+
+
+def _cpu_busy(sample_s=0.5):
+  """Fraction of time each core was busy over a short sample, from /proc/stat."""
+  def read():
+    out = {}
+    with open('/proc/stat') as f:
+      for line in f:
+        if line.startswith('cpu') and line[3].isdigit():
+          name, *vals = line.split()
+          vals = [int(v) for v in vals]
+          idle = vals[3] + vals[4]  # idle + iowait
+          out[int(name[3:])] = (sum(vals), idle)
+    return out
+  a = read()
+  time.sleep(sample_s)
+  b = read()
+  return {c: 1.0 - (b[c][1] - a[c][1]) / max(1, b[c][0] - a[c][0]) for c in a if c in b}
+
+
+def hold_to_one_core(args):
+  """Pins the process (before any thread pool exists) and sets the one-thread environment. Returns a description."""
+  notes = []
+  if not args.no_pin:
+    allowed = sorted(os.sched_getaffinity(0))
+    core = args.core
+    if core is None:
+      try:
+        busy = _cpu_busy()
+        core = min(allowed, key=lambda c: busy.get(c, 1.0))
+        notes.append('core busy before start: ' + ', '.join(f'{c}: {busy.get(c, float("nan")):.0%}' for c in allowed))
+      except OSError:
+        core = allowed[-1]
+    os.sched_setaffinity(0, {core})
+    notes.insert(0, f'process pinned to core {core} with os.sched_setaffinity (of {allowed}); set before numpy, '
+                    f'torch and jax start any thread, so all their threads inherit it')
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_cpu_multi_thread_eigen' not in flags:
+    os.environ['XLA_FLAGS'] = (flags + ' ' + XLA_ONE_THREAD).strip()
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+    os.environ[var] = '1'
+  notes.append(f'XLA_FLAGS={os.environ["XLA_FLAGS"]!r}, JAX_PLATFORMS=cpu; '
+               'OMP/OPENBLAS/MKL_NUM_THREADS=1; torch.set_num_threads(1), set_num_interop_threads(1), no_grad')
+  return notes
+
+
+def thread_cpu_ticks():
+  """{thread id: user+system clock ticks} of this process's threads."""
+  out = {}
+  for tid in os.listdir('/proc/self/task'):
+    try:
+      with open(f'/proc/self/task/{tid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+      out[tid] = int(fields[11]) + int(fields[12])
+    except (FileNotFoundError, ProcessLookupError):
+      pass
+  return out
+
+
+def thread_affinities():
+  """The set of distinct Cpus_allowed_list values over this process's threads, and the thread count."""
+  lists = set()
+  tids = os.listdir('/proc/self/task')
+  for tid in tids:
+    try:
+      with open(f'/proc/self/task/{tid}/status') as f:
+        for line in f:
+          if line.startswith('Cpus_allowed_list'):
+            lists.add(line.split(':', 1)[1].strip())
+    except (FileNotFoundError, ProcessLookupError):
+      pass
+  return lists, len(tids)
+
+
+def forward_flops(cfg, b, s):
+  """Matmul FLOPs of one forward (multiply-add = 2), by part. Layer norms, softmax, GeLU, rotary are left out."""
+  d, f, v, L = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size, cfg.num_layers
+  matmul_params = L * (d * 3 * d + d * d + d * 2 * f + f * d)  # qkv, dense, h_to_4h (GeGLU: 2F), 4h_to_h
+  tokens = b * s
+  parts = {
+      'linears 2*P*tokens': 2 * matmul_params * tokens,
+      'attention 2*2*b*s^2*D*L': L * 2 * 2 * b * s * s * d,  # q.k scores and probs.v context, full s x s
+      'logits 2*b*s*D*V': 2 * tokens * d * v,
+  }
+  return parts, matmul_params
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  notes = hold_to_one_core(args)
+
+  import numpy as np
+  import torch
+  torch.set_num_threads(1)
+  torch.set_num_interop_threads(1)
+  import jax
+  import jax.numpy as jnp
+
+  sys.path.insert(0, REPO)
+  import importlib
+  from glm_jax import GLM, from_sat_state_dict
+  from glm_jax.model import GLMConfig
+  from tests import sat_reference as R
+
+  config = importlib.import_module(f'configs.{args.config}').get_config()
+  cfg = GLMConfig.make(config.model)
+  if cfg.dtype != 'float32' or cfg.param_dtype != 'float32':
+    sys.exit(f'this benchmark is fp32; configs/{args.config}.py has dtype={cfg.dtype} param_dtype={cfg.param_dtype}')
+
+  print('== forward_vs_sat: glm-jax (jit) vs SAT GLM130B, fp32, one core each ==')
+  print(f'load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} '
+        f'({os.cpu_count()} cores on the machine)')
+  print(f'jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, numpy {np.__version__}; '
+        f'torch threads {torch.get_num_threads()}/{torch.get_num_interop_threads()}')
+  print('how one thread/core is held:')
+  for n in notes:
+    print('  - ' + n)
+
+  # ---------------------------------------------------------------- models with the same weights
+  t0 = time.perf_counter()
+  sat_model = R.build_sat_glm130b(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                                  num_attention_heads=cfg.num_attention_heads,
+                                  inner_hidden_size=cfg.inner_hidden_size, vocab_size=cfg.vocab_size,
+                                  max_sequence_length=cfg.max_sequence_length,
+                                  position_encoding_2d=cfg.position_encoding_2d,
+                                  layernorm_epsilon=cfg.layernorm_epsilon, seed=args.seed, init_std=0.02)
+  params = jax.tree.map(jnp.asarray, from_sat_state_dict(R.state_dict_numpy(sat_model), config.model))
+  model = GLM(config.model)
+  forward = jax.jit(lambda p, t, q, m: model.apply({'params': p}, t, q, m))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  print(f'config {args.config}: L={cfg.num_layers} D={cfg.hidden_size} N={cfg.num_attention_heads} '
+        f'F={cfg.inner_hidden_size} V={cfg.vocab_size}, {n_params / 1e6:.1f}M parameters; SAT built and converted in '
+        f'{time.perf_counter() - t0:.1f} s')
+
+  # ---------------------------------------------------------------- peak probes
+  n = args.peak_n
+  rng = np.random.default_rng(args.seed)
+  a_np = rng.standard_normal((n, n), dtype=np.float32)
+  b_np = rng.standard_normal((n, n), dtype=np.float32)
+  a_jx, b_jx = jnp.asarray(a_np), jnp.asarray(b_np)
+  a_t, b_t = torch.from_numpy(a_np), torch.from_numpy(b_np)
+  mm_jax = jax.jit(jnp.matmul)
+  mm_jax(a_jx, b_jx).block_until_ready()
+  peak_fns = {
+      'jax': lambda: mm_jax(a_jx, b_jx).block_until_ready(),
+      'torch': lambda: torch.matmul(a_t, b_t),
+      'numpy': lambda: a_np @ b_np,
+  }
+  peak_best = {k: 0.0 for k in peak_fns}  # FLOP/s
+  mm_flops = 2.0 * n ** 3
+
+  def probe_peak():
+    for k, fn in peak_fns.items():
+      t = time.perf_counter()
+      fn()
+      peak_best[k] = max(peak_best[k], mm_flops / (time.perf_counter() - t))
+
+  for _ in range(3):
+    probe_peak()
+
+  # ---------------------------------------------------------------- per size: parity, then timing
+  results = []
+  jax_cpu = jax_wall = 0.0
+  busy_threads = {}
+  with torch.no_grad():
+    for b, s in args.sizes:
+      if s > cfg.max_sequence_length:
+        sys.exit(f'seq {s} > max_sequence_length {cfg.max_sequence_length}')
+      tokens = rng.integers(0, cfg.vocab_size, (b, s)).astype(np.int32)
+      pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy()
+      # GLM's layout: the first half a bidirectional context, the rest causal (every score is computed anyway).
+      may = np.tril(np.ones((s, s), bool))
+      may[:, :s // 2] = True
+      may = may[None, None]
+      args_jx = (params, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(may))
+      tok_t, pos_t = torch.from_numpy(tokens).long(), torch.from_numpy(pos).long()
+      mask_t = torch.from_numpy(np.ascontiguousarray(~may))  # SAT: True = masked
+
+      t = time.perf_counter()
+      ours = np.asarray(forward(*args_jx))
+      compile_s = time.perf_counter() - t
+      ref, _ = R.sat_forward_raw(sat_model, tokens, pos, may)
+      err, scale = float(np.abs(ours - ref).max()), float(np.abs(ref).max())
+      ok = err <= 1e-4 * scale
+      print(f'\n[{b}x{s}] parity: max|Δ| = {err:.3g}, max|ref| = {scale:.3g}, ratio {err / scale:.2e} '
+            f'(bar 1e-4) -> {"OK" if ok else "FAIL"}; first JAX call (compile + run) {compile_s:.1f} s')
+      if not ok:
+        print('parity failed: the two programs do not compute the same logits, timings would be meaningless')
+        return 1
+      del ours, ref
+
+      def run_jax():
+        forward(*args_jx).block_until_ready()
+
+      def run_sat():
+        sat_model(tok_t, pos_t, mask_t)
+
+      for _ in range(args.warmup):
+        run_jax()
+        run_sat()
+
+      times = {'jax': [], 'sat': []}
+      for r in range(args.repeats):
+        order = ('jax', 'sat') if r % 2 == 0 else ('sat', 'jax')
+        for which in order:
+          if which == 'jax':
+            ticks0 = thread_cpu_ticks()
+            c0, w0 = time.process_time(), time.perf_counter()
+            run_jax()
+            w1, c1 = time.perf_counter(), time.process_time()
+            ticks1 = thread_cpu_ticks()
+            times['jax'].append(w1 - w0)
+            jax_wall += w1 - w0
+            jax_cpu += c1 - c0
+            for tid, v in ticks1.items():
+              busy_threads[tid] = busy_threads.get(tid, 0) + v - ticks0.get(tid, 0)
+          else:
+            w0 = time.perf_counter()
+            run_sat()
+            times['sat'].append(time.perf_counter() - w0)
+        probe_peak()
+        print(f'  round {r + 1}/{args.repeats}: jax {times["jax"][-1] * 1e3:8.1f} ms   '
+              f'sat {times["sat"][-1] * 1e3:8.1f} ms', flush=True)
+      parts, matmul_params = forward_flops(cfg, b, s)
+      results.append(dict(size=f'{b}x{s}', jax=float(np.median(times['jax'])), sat=float(np.median(times['sat'])),
+                          jax_min=min(times['jax']), sat_min=min(times['sat']), flops=sum(parts.values()),
+                          parts=parts, matmul_params=matmul_params))
+
+  # ---------------------------------------------------------------- report
+  peak_src = max(peak_best, key=peak_best.get)
+  peak = peak_best[peak_src]
+  print(f'\npeak: best single-core fp32 {n}x{n} matmul over the run: '
+        + ', '.join(f'{k} {v / 1e9:.1f}' for k, v in peak_best.items())
+        + f' GFLOP/s -> peak = {peak / 1e9:.1f} GFLOP/s ({peak_src})')
+  print(f'FLOPs per forward (matmuls only; non-embedding matmul parameters P = {results[0]["matmul_params"]:,}):')
+  for r in results:
+    print(f'  {r["size"]:>7}: ' + ' + '.join(f'{k} {v / 1e9:.2f}' for k, v in r['parts'].items())
+          + f' = {r["flops"] / 1e9:.2f} GFLOP')
+
+  print(f'\nmedian of {args.repeats} interleaved runs (JAX/SAT < 1: JAX faster); fraction of peak from the JAX median')
+  hdr = (f'{"size":>7} | {"JAX ms":>9} | {"SAT ms":>9} | {"JAX/SAT":>7} | {"SAT/JAX":>7} | {"JAX GFLOP/s":>11} | '
+         f'{"of peak":>7} | {"SAT GFLOP/s":>11} | {"of peak":>7}')
+  print(hdr)
+  print('-' * len(hdr))
+  for r in results:
+    gj, gs = r['flops'] / r['jax'], r['flops'] / r['sat']
+    print(f'{r["size"]:>7} | {r["jax"] * 1e3:9.1f} | {r["sat"] * 1e3:9.1f} | {r["jax"] / r["sat"]:7.3f} | '
+          f'{r["sat"] / r["jax"]:6.2f}x | {gj / 1e9:11.1f} | {gj / peak:7.1%} | {gs / 1e9:11.1f} | {gs / peak:7.1%}')
+  print('(best runs instead of medians: ' + '; '.join(
+      f'{r["size"]} JAX/SAT {r["jax_min"] / r["sat_min"]:.3f}, JAX {r["flops"] / r["jax_min"] / peak:.1%} of peak'
+      for r in results) + ')')
+
+  lists, n_threads = thread_affinities()
+  worked = sorted((v for v in busy_threads.values() if v > 0), reverse=True)
+  print(f'\none-core check: {n_threads} threads in the process, Cpus_allowed_list of all of them: {sorted(lists)}; '
+        f'during the timed JAX forwards process CPU time / wall time = {jax_cpu / max(jax_wall, 1e-9):.2f} '
+        f'(> 1 would mean parallel work); threads that accumulated CPU ticks: {len(worked)} {worked[:8]}')
+  print(f'load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}')
+
+  print('\ntargets:')
+  for r in results:
+    print(f'  {r["size"]}: faster than SAT: {"yes" if r["jax"] < r["sat"] else "NO"} '
+          f'(JAX/SAT {r["jax"] / r["sat"]:.3f})')
+  big = [r for r in results if r['size'] == '8x256']
+  for r in big:
+    frac = r['flops'] / r['jax'] / peak
+    print(f'  8x256: at least 50% of peak: {"yes" if frac >= 0.5 else "NO"} ({frac:.1%})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

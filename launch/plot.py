@@ -1,0 +1,94 @@
+"""Draw the training curves of one or more runs to a PNG.
+
+    python launch/plot.py runs/tiny runs/tiny-lr3e-3 --out curves.png
+    python launch/plot.py runs/tiny --metrics loss,heldout_bpb,learning_rate --out tiny.png
+
+Each run directory's metrics.jsonl (written by launch/train.py) gives one line per run in each panel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_METRICS = ('loss', 'heldout_loss', 'heldout_bpb', 'learning_rate', 'grad_norm', 'tokens_per_s')
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+  path = run_dir / 'metrics.jsonl'
+  if not path.is_file():
+    raise ValueError(f'{path}: no such file (is {run_dir} a run directory of launch/train.py?)')
+  series: dict[str, dict[int, float]] = {}
+  for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{n}: not JSON ({e.msg})') from None
+    for k, v in record.items():
+      if k != 'step' and isinstance(v, (int, float)):
+        series.setdefault(k, {})[int(record['step'])] = float(v)  # a resumed run's repeated steps: the last wins
+  return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def plot(runs: list[Path], metrics: list[str], out: Path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  data = {run: read_metrics(run) for run in runs}
+  metrics = [m for m in metrics if any(m in d for d in data.values())]
+  if not metrics:
+    raise ValueError('none of the requested metrics occur in the runs given')
+  cols = min(3, len(metrics))
+  rows = -(-len(metrics) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+  for ax, metric in zip(axes.flat, metrics):
+    for run, d in data.items():
+      if metric in d:
+        steps, values = zip(*d[metric])
+        ax.plot(steps, values, label=run.name, marker='.' if len(steps) < 30 else None)
+    ax.set_title(metric)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+    if metric in ('learning_rate',):
+      ax.ticklabel_format(axis='y', style='sci', scilimits=(-3, 3))
+  for ax in list(axes.flat)[len(metrics):]:
+    ax.axis('off')
+  axes.flat[0].legend(fontsize='small')
+  fig.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.png', dir=out.parent)  # written whole, then renamed: never a half file
+  os.close(fd)
+  try:
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='Metrics available: whatever '
+                                   'metrics.jsonl holds, e.g. ' + ', '.join(DEFAULT_METRICS) + ', mfu, loss_scale.')
+  parser.add_argument('runs', nargs='+', type=Path, help='run directories (each with a metrics.jsonl)')
+  parser.add_argument('--out', type=Path, required=True, help='the PNG file to write')
+  parser.add_argument('--metrics', default=','.join(DEFAULT_METRICS), help='comma-separated metric names, one '
+                      'panel each (default: %(default)s)')
+  args = parser.parse_args(argv)
+  try:
+    plot(args.runs, [m for m in args.metrics.split(',') if m], args.out)
+  except ValueError as e:
+    print(f'plot.py: error: {e}', file=sys.stderr)
+    return 2
+  print(f'wrote {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

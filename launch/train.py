@@ -1,0 +1,83 @@
+"""Train a GLM from scratch with GLM-130B's objective, on one CPU or a device mesh; rerun to resume.
+
+    python launch/train.py --config configs/tiny.py                       # the quickstart: tokenizer + tiny model
+    python launch/train.py --config configs/tiny.py --workdir runs/t2 --config.run.steps=1000 --config.mesh.fsdp=2
+    python launch/train.py --config configs/small.py --config.data.corpus_paths=/my/corpus
+
+The run directory (--workdir, default runs/<config name>) receives checkpoints, metrics.jsonl, TensorBoard events
+and, unless --config.run.tokenizer names one, a tokenizer trained on the corpus. Rerunning the same command resumes
+from the latest complete checkpoint and continues exactly as if the run had not stopped; SIGTERM or Ctrl-C saves
+and stops. Draw the curves with `python launch/plot.py <workdir> --out curves.png`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py; override any field '
+                                          'with --config.<group>.<field>=value.', lock_config=False)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config file name>).')
+
+
+def _tokenizer(config, workdir: Path):
+  """The run's tokenizer: config.run.tokenizer if given, else the one in the workdir, else train one there."""
+  from glm_jax.tokenizer import GLMTokenizer
+  from glm_jax.tokenizer_training import train_tokenizer
+  if config.run.tokenizer:
+    return GLMTokenizer.load(config.run.tokenizer)
+  own = workdir / 'tokenizer.model'
+  if not own.exists():
+    print(f'training a {config.run.tokenizer_vocab_size}-piece tokenizer on {list(config.data.corpus_paths)} '
+          f'-> {own}')
+    train_tokenizer(list(config.data.corpus_paths), config.run.tokenizer_vocab_size, workdir / 'tokenizer',
+                    layout='compact', seed=config.seed)
+  return GLMTokenizer.load(own)
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config configs/tiny.py')
+  config_name = Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem
+  workdir = Path(_WORKDIR.value or Path('runs') / config_name)
+  try:
+    return _train(config, workdir)
+  except (ValueError, FileNotFoundError, TypeError) as e:
+    print(f'train.py: error: {e}', file=sys.stderr)
+    return 2
+
+
+def _train(config, workdir: Path) -> int:
+  from glm_jax.data.corpus import load_corpus
+  from glm_jax.data.pipeline import TrainBatches, heldout_batches
+  from glm_jax.train import loop
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  tokenizer = _tokenizer(config, workdir)
+  if config.model.vocab_size != tokenizer.vocab_size:
+    config.model.vocab_size = tokenizer.vocab_size  # the vocabulary comes from the tokenizer (configs/tiny.py)
+  t = config.train
+  corpus = load_corpus(list(config.data.corpus_paths), tokenizer, heldout_fraction=config.data.heldout_fraction,
+                       strip_gutenberg=config.data.strip_gutenberg)
+  batches = TrainBatches(config.data, tokenizer, t.seq_len, t.batch_size, config.seed, corpus=corpus)
+  print(f'corpus: {corpus.train_tokens.size:,} training tokens, {corpus.num_heldout_bytes:,} held-out bytes; '
+        f'model vocabulary {config.model.vocab_size}; workdir {workdir}')
+  summary = loop.run(config, workdir, tokenizer=tokenizer, train_batches=batches,
+                     heldout_fn=lambda: heldout_batches(corpus, tokenizer, t.seq_len, config.run.eval_batch_size))
+  if 'heldout_bpb' in summary:
+    print(f"step {summary['step']}: held-out loss {summary['heldout_loss']:.4f} nats/token, "
+          f"bits per byte {summary['heldout_bpb']:.4f}")
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

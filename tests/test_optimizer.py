@@ -1,0 +1,296 @@
+"""The optimiser (schedule, decay mask, Embedding Gradient Shrink), loss scaling, and gradient accumulation.
+
+Compiles are the cost here, so one module fixture holds the tiny model, its initial state and three fp32 steps of
+the real train step; the tests compare other formulations against them.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from glm_jax import GLM
+from glm_jax.config import train_defaults
+from glm_jax.train import (LossScaleConfig, SplitEmbeddingGrads, TrainState, decay_mask, init_loss_scale,
+                           init_train_state, make_base_optimizer, make_egs_schedule, make_schedule,
+                           make_train_step, update_loss_scale)
+from glm_jax.train.optimizer import fold_embedding_grads
+from glm_jax.train.precision import all_finite
+from glm_jax.train.step import batch_grads
+from tests.conftest import load_config
+
+MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=170, vocab_size=128,
+             max_sequence_length=64)
+B, S, STEPS = 8, 16, 3
+
+
+def tiny_config(**train):
+  config = load_config('tiny', **MODEL)
+  config.train = train_defaults()
+  # warmup 0: every step moves the weights; clip 0.5 so that clipping is active (the gradient norm is ~0.7).
+  config.train.update(dict(learning_rate=5e-4, warmup_steps=0, decay_steps=6, clip_norm=0.5, batch_size=B,
+                           seq_len=S))
+  config.train.update(train)
+  return config
+
+
+def make_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  loss_mask = (rng.random((B, S)) < 0.7).astype(np.float32)
+  loss_mask[1::2, S // 2:] = 0  # micro-batch 1 of 2 (rows 1, 3, 5, 7) has far fewer loss tokens than micro-batch 0
+  mask = np.broadcast_to(np.tril(np.ones((S, S), bool)), (B, 1, S, S)).copy()
+  mask[:, :, :, :4] = True  # a bidirectional prefix
+  return dict(tokens=rng.integers(0, 128, (B, S), dtype=np.int32),
+              targets=rng.integers(0, 128, (B, S), dtype=np.int32),
+              position_ids=np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
+              attention_mask=mask, loss_mask=loss_mask)
+
+
+def ref_token_ce(logits, targets):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def run_steps(step, state, batch, n=STEPS):
+  losses, metrics = [], []
+  for _ in range(n):
+    state, m = step(state, batch)
+    losses.append(float(m['loss']))
+    metrics.append({k: float(v) for k, v in m.items()})
+  return state, np.array(losses), metrics
+
+
+def max_err(a, b):
+  return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a),
+                                                                             jax.tree.leaves(b)))
+
+
+def max_abs(a):
+  return max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(a))
+
+
+@pytest.fixture(scope='module')
+def trained():
+  config = tiny_config()
+  model = GLM(config.model)
+  state0 = init_train_state(model, config, jax.random.key(0))
+  batch = make_batch()
+  step = make_train_step(model, config, donate=False)
+  state, losses, metrics = run_steps(step, state0, batch)
+  return dict(config=config, model=model, state0=state0, batch=batch, state=state, losses=losses, metrics=metrics)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Schedules and the decay mask
+
+
+def test_learning_rate_schedule_key_steps():
+  t = train_defaults()
+  lr = make_schedule(t)
+  peak, floor = 8e-5, 8e-6
+  np.testing.assert_allclose(float(lr(0)), 0.0)
+  np.testing.assert_allclose(float(lr(t.warmup_steps // 2)), peak / 2, rtol=1e-3)
+  np.testing.assert_allclose(float(lr(t.warmup_steps)), peak, rtol=1e-6)  # warm-up end
+  np.testing.assert_allclose(float(lr((t.warmup_steps + t.decay_steps) // 2)), (peak + floor) / 2, rtol=1e-3)
+  np.testing.assert_allclose(float(lr(t.decay_steps)), floor, rtol=1e-6)  # end of decay: the floor
+  np.testing.assert_allclose(float(lr(t.decay_steps + 10_000)), floor, rtol=1e-6)
+  with pytest.raises(ValueError, match='decay_steps'):
+    make_schedule(ConfigDict(dict(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10, decay_steps=10)))
+
+
+def test_egs_alpha_schedule():
+  t = train_defaults()
+  assert float(make_egs_schedule(t)(0)) == pytest.approx(0.1)
+  assert float(make_egs_schedule(t)(100_000)) == pytest.approx(0.1)
+  t.update(dict(egs_warmup_start=6000, egs_warmup_steps=500))  # GLM-130B's later warm-up to 1
+  alpha = make_egs_schedule(t)
+  assert [round(float(alpha(n)), 6) for n in (0, 6000, 6250, 6500, 9000)] == [0.1, 0.1, 0.55, 1.0, 1.0]
+
+
+def test_no_decay_on_biases_and_layernorm(trained):
+  mask = decay_mask(trained['state0'].params)
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+  decayed = sorted(k for k, v in flat.items() if v)
+  assert decayed == sorted([
+      "['word_embeddings']", "['layers']['attention']['qkv_kernel']", "['layers']['attention']['dense_kernel']",
+      "['layers']['mlp']['h_to_4h_kernel']", "['layers']['mlp']['4h_to_h_kernel']"]), decayed
+  # And AdamW applies it: with zero gradients only the decayed leaves move (by -lr * wd * p).
+  params = {'word_embeddings': jnp.ones((4, 2)), 'final_layernorm': {'scale': jnp.ones(2), 'bias': jnp.ones(2)},
+            'layers': {'attention': {'qkv_kernel': jnp.ones((2, 2)), 'qkv_bias': jnp.ones(2)},
+                       'input_layernorm': {'scale': jnp.ones(2), 'bias': jnp.ones(2)}}}
+  tx = make_base_optimizer(ConfigDict(dict(learning_rate=0.5, min_lr_ratio=1.0, warmup_steps=0, decay_steps=1,
+                                           b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)))
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  moved = {jax.tree_util.keystr(k): float(jnp.abs(v).max()) for k, v in jax.tree_util.tree_leaves_with_path(updates)}
+  assert moved == {"['final_layernorm']['bias']": 0.0, "['final_layernorm']['scale']": 0.0,
+                   "['layers']['attention']['qkv_bias']": 0.0,
+                   "['layers']['attention']['qkv_kernel']": pytest.approx(0.05),
+                   "['layers']['input_layernorm']['bias']": 0.0, "['layers']['input_layernorm']['scale']": 0.0,
+                   "['word_embeddings']": pytest.approx(0.05)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Embedding Gradient Shrink and accumulation at the gradient level (one compile)
+
+
+@pytest.fixture(scope='module')
+def grads(trained):
+  model, params, batch = trained['model'], trained['state0'].params, trained['batch']
+  key = jax.random.key(0)
+
+  def tied_grad(p, b, table_fn):
+    def loss_fn(p):
+      table = table_fn(p['word_embeddings'])
+      logits = model.apply({'params': p}, b['tokens'], b['position_ids'], b['attention_mask'], input_embedding=table)
+      return jnp.sum(b['loss_mask'] * ref_token_ce(logits, b['targets'])) / jnp.sum(b['loss_mask'])
+    return jax.value_and_grad(loss_fn)(p)
+
+  @jax.jit
+  def compute(p, b):
+    out = {}
+    out['loss1'], _, out['split1'] = batch_grads(model, p, b, key, 1.0, 1, jnp.float32)
+    out['loss2'], _, out['split2'] = batch_grads(model, p, b, key, 1.0, 2, jnp.float32)
+    _, out['stopped'] = tied_grad(p, b, jax.lax.stop_gradient)
+    out['loss_ref'], out['trick'] = tied_grad(p, b, lambda e: e * 0.1 + jax.lax.stop_gradient(e) * 0.9)
+    return out
+
+  return jax.tree.map(np.asarray, compute(params, batch))
+
+
+def test_egs_shrinks_only_the_input_lookup_share(grads):
+  split = SplitEmbeddingGrads(*grads['split1'])
+  scale = max_abs(grads['trick'])
+  # alpha = 0: the tied table's gradient is the output projection's share alone (input lookup stop-gradiented).
+  assert max_err(fold_embedding_grads(split, 0.0), grads['stopped']) <= 1e-6 * scale
+  # alpha = 0.1: GLM-130B's forward trick e*alpha + stop_gradient(e)*(1-alpha).
+  assert max_err(fold_embedding_grads(split, 0.1), grads['trick']) <= 1e-6 * scale
+  # The two shares are both substantial, so the above distinguishes shrinking the whole table from the lookup.
+  e_in, e_out = split.input_embedding, split.params['word_embeddings']
+  assert np.abs(e_in).max() > 0.1 * np.abs(e_out).max() and np.abs(e_out).max() > 0.1 * np.abs(e_in).max()
+  np.testing.assert_allclose(grads['loss1'], grads['loss_ref'], rtol=1e-6)
+
+
+def test_accumulated_gradient_is_the_global_token_mean(grads):
+  """accum = 2 gives the accum = 1 loss and gradient of the same batch, although its two micro-batches hold very
+  different loss-token counts: the loss is the mean over all loss tokens of the batch (not a mean of micro-batch
+  means). The train step only wraps batch_grads; tests/test_train_sharded.py runs the step with accum = 2."""
+  scale = max_abs(grads['trick'])
+  assert max_err(grads['split2'], grads['split1']) <= 1e-6 * scale
+  np.testing.assert_allclose(grads['loss2'], grads['loss1'], rtol=1e-6)
+  mask = np.asarray(make_batch()['loss_mask'])
+  assert mask[0::2].sum() > 1.5 * mask[1::2].sum()  # the batch does tell the two definitions apart
+
+
+def test_batch_must_split_into_micro_batches(trained):
+  with pytest.raises(ValueError, match='grad_accum_steps=3'):
+    make_train_step(trained['model'], tiny_config(grad_accum_steps=3))(trained['state0'], trained['batch'])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training with EGS equals training with the forward trick; accumulation at the step level
+
+
+def test_training_with_egs_equals_forward_trick(trained):
+  config, model, batch = trained['config'], trained['model'], trained['batch']
+  alpha = config.train.egs_alpha
+  tx = make_base_optimizer(config.train)  # clip + AdamW, no EGS transformation
+
+  @jax.jit
+  def trick_step(params, opt_state):
+    def loss_fn(p):
+      e = p['word_embeddings']
+      table = e * alpha + jax.lax.stop_gradient(e) * (1 - alpha)
+      logits = model.apply({'params': p}, batch['tokens'], batch['position_ids'], batch['attention_mask'],
+                           input_embedding=table)
+      return jnp.sum(batch['loss_mask'] * ref_token_ce(logits, batch['targets'])) / jnp.sum(batch['loss_mask'])
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  params = trained['state0'].params
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(STEPS):
+    params, opt_state, loss = trick_step(params, opt_state)
+    losses.append(float(loss))
+  np.testing.assert_allclose(trained['losses'], losses, rtol=1e-6)
+  ref = jax.tree.map(np.asarray, params)
+  err = max_err(trained['state'].params, ref)
+  assert err <= 1e-5 * max_abs(ref), err
+  # The weights did move, by more than the tolerance, and EGS was on.
+  assert max_err(trained['state'].params, trained['state0'].params) > 1e-3
+  assert [m['egs_alpha'] for m in trained['metrics']] == pytest.approx([0.1] * STEPS)
+  assert [m['skipped'] for m in trained['metrics']] == [0] * STEPS
+  assert trained['metrics'][0]['tokens'] == float(batch['loss_mask'].sum())
+  lr = make_schedule(config.train)
+  assert [m['learning_rate'] for m in trained['metrics']] == pytest.approx([float(lr(i)) for i in range(STEPS)])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dynamic loss scaling
+
+
+def test_loss_scale_rules():
+  defaults = train_defaults()
+  assert (defaults.loss_scale_init, defaults.loss_scale_window, defaults.loss_scale_hysteresis,
+          defaults.loss_scale_min) == (65536.0, 2000, 2, 1.0)
+  cfg = LossScaleConfig(enabled=True, init=8.0, window=3, hysteresis=2, min_scale=2.0)
+  update = jax.jit(lambda s, f: update_loss_scale(s, f, cfg))
+  state = init_loss_scale(cfg)
+  trace = []
+  for finite in [False, False, False, False,  # hysteresis: 8, then halved to 4, 2, and never below the minimum
+                 True, True, True,  # a window of good steps doubles the scale and restores the hysteresis
+                 False, True, True, False,  # one overflow is tolerated again; the next halves (good run broken)
+                 True, True, True]:  # three good steps in a row double it
+    state = update(state, finite)
+    trace.append(float(state.scale))
+  assert trace == [8, 4, 2, 2, 2, 2, 4, 4, 4, 4, 2, 2, 2, 4]
+  # Disabled (bf16 / fp32 compute): the scale is 1 and stays 1.
+  off = LossScaleConfig(enabled=False)
+  assert float(update_loss_scale(init_loss_scale(off), False, off).scale) == 1.0
+  assert not bool(all_finite({'a': jnp.ones(3), 'b': jnp.array([1.0, jnp.inf])}))
+  assert bool(all_finite({'a': jnp.ones(3), 'i': jnp.arange(3)}))
+
+
+def test_fp16_training_skips_overflows_and_stays_finite(trained):
+  # fp16 compute, a start scale far too large (2^26: the scaled logits gradient overflows fp16) and a short window,
+  # so the run sees skipped steps, the hysteresis, halving, and growth.
+  config = tiny_config(loss_scale_init=2.0 ** 26, loss_scale_window=2)
+  config.model.dtype = 'float16'
+  model = GLM(config.model)
+  ls_cfg = LossScaleConfig.from_config(config)
+  assert ls_cfg.enabled
+  state = trained['state0'].replace(loss_scale=init_loss_scale(ls_cfg))
+  step = make_train_step(model, config, donate=False)
+  expected_scale = state.loss_scale
+  skipped = []
+  for _ in range(8):
+    new_state, m = step(state, trained['batch'])
+    assert float(m['loss_scale']) == float(expected_scale.scale)
+    finite = not m['skipped']
+    skipped.append(int(m['skipped']))
+    if not finite:  # nothing moved
+      assert max_err(new_state.params, state.params) == 0.0
+      assert max_err(new_state.opt_state, state.opt_state) == 0.0
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new_state.params))
+    expected_scale = update_loss_scale(expected_scale, finite, ls_cfg)
+    assert float(new_state.loss_scale.scale) == float(expected_scale.scale) >= 1.0
+    state = new_state
+  assert skipped[:2] == [1, 1] and 0 in skipped, skipped
+  assert np.isfinite(float(m['loss']))
+  assert int(state.step) == 8
+  # Applied updates (what the schedules follow) count only the steps that were not skipped.
+  from glm_jax.train.optimizer import applied_updates
+  assert int(applied_updates(state.opt_state)) == skipped.count(0)
+  assert max_err(state.params, trained['state0'].params) > 1e-4
+
+
+def test_train_state_is_a_pytree(trained):
+  state = trained['state0']
+  assert isinstance(state, TrainState)
+  leaves = jax.tree.leaves(state)
+  assert all(isinstance(x, jax.Array) for x in leaves)
+  assert state.rng.dtype == jnp.uint32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))

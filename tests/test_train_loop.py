@@ -1,0 +1,158 @@
+"""The training run end to end through launch/train.py: resume after SIGKILL is bit-exact, metrics and plots.
+
+These are subprocess tests because the process boundary is the thing under test: a run is killed (SIGKILL, at
+named phases and at random times) and a new process resumes it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.conftest import REPO
+from tests.tokenizer_fixtures import data_dir, train_tiny_tokenizer
+
+STEPS = 8
+_CACHE = Path(tempfile.gettempdir()) / f'glm-jax-test-xla-cache-{os.getuid()}'
+NO_TB = '--config.run.tensorboard=false'
+
+
+@pytest.fixture(scope='module')
+def run_inputs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('loop')
+  tokenizer = train_tiny_tokenizer(tmp, 'compact')
+  corpus = tmp / 'corpus'
+  corpus.mkdir(exist_ok=True)
+  text = (data_dir() / 'tinyshakespeare' / 'input.txt').read_text(encoding='utf-8')[:60_000]
+  (corpus / 'shakespeare.txt').write_text(text, encoding='utf-8')
+  return tokenizer, corpus
+
+
+def _command(workdir, tokenizer, corpus, *extra):
+  return [sys.executable, 'launch/train.py', '--config', 'configs/tiny.py', '--workdir', str(workdir),
+          '--config.model.num_layers=2', '--config.model.hidden_size=64', '--config.model.num_attention_heads=4',
+          '--config.model.inner_hidden_size=170', '--config.model.hidden_dropout=0.1',
+          '--config.model.attention_dropout=0.1', '--config.train.batch_size=4', '--config.train.seq_len=32',
+          '--config.train.warmup_steps=2', f'--config.train.decay_steps={STEPS}', f'--config.run.steps={STEPS}',
+          '--config.run.save_every=2', '--config.run.log_every=1', f'--config.run.eval_every={STEPS}',
+          '--config.run.peak_flops=1e10', f'--config.run.tokenizer={tokenizer}',
+          f'--config.data.corpus_paths={corpus}', '--config.data.mip_share=0.25', *extra]
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, not the tests' fake eight
+  # Every process compiles the same programs: share them through JAX's persistent cache (same executables, so the
+  # bit-exactness under test is unaffected).
+  env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', JAX_COMPILATION_CACHE_DIR=str(_CACHE),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **extra)
+  return env
+
+
+def _run(workdir, run_inputs, *extra, **env):
+  return subprocess.run(_command(workdir, *run_inputs, *extra), cwd=REPO, env=_env(**env), capture_output=True,
+                        text=True, timeout=300)
+
+
+def _final_params(workdir):
+  path = Path(workdir) / 'checkpoints' / str(STEPS) / 'state'
+  with ocp.StandardCheckpointer() as c:
+    state = c.restore(path)
+  return state['params'], state['opt_state']
+
+
+def _flat(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(run_inputs, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('plain')
+  proc = _run(workdir, run_inputs)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_quick_run_reports_heldout_bits_per_byte_and_metrics(uninterrupted, tmp_path):
+  workdir, proc = uninterrupted
+  assert 'bits per byte' in proc.stdout
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in train] == list(range(1, STEPS + 1))
+  for key in ('loss', 'learning_rate', 'grad_norm', 'loss_scale', 'skipped', 'tokens_per_s', 'mfu'):
+    assert all(np.isfinite(r[key]) for r in train), key
+  assert train[-1]['loss'] < train[0]['loss']
+  assert any('heldout_bpb' in r and r['heldout_bpb'] > 0 for r in records)
+  assert list((workdir / 'tensorboard').iterdir())
+  out = tmp_path / 'curves.png'
+  plot = subprocess.run([sys.executable, 'launch/plot.py', str(workdir), '--out', str(out)], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert plot.returncode == 0, plot.stderr
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_resume_after_sigkill_is_bit_exact(uninterrupted, run_inputs, tmp_path):
+  """Killed after a step, in the middle of a save, after a save, and at random times; resumed each time."""
+  workdir = tmp_path / 'killed'
+  for phase, step in (('after_step', 3), ('save_started', 4), ('after_save', 6)):
+    proc = _run(workdir, run_inputs, NO_TB, GLM_JAX_KILL_AT=f'{phase}@{step}')
+    assert proc.returncode == -signal.SIGKILL, (phase, proc.returncode, proc.stderr[-2000:])
+    steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+    assert all((workdir / 'checkpoints' / str(s) / 'commit_success.txt').exists() for s in steps)
+    if phase == 'after_step':
+      assert steps[-1] == 2
+    if phase == 'save_started':  # the interrupted save is either invisible (temporary name) or complete
+      assert steps[-1] in (2, 4)
+    if phase == 'after_save':
+      assert steps[-1] == 6
+  rng = np.random.default_rng(0)
+  for _ in range(2):  # kills at random times, once the run is underway
+    proc = subprocess.Popen(_command(workdir, *run_inputs, NO_TB), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+      if 'resumed from' in line:
+        break
+    time.sleep(rng.uniform(0.0, 1.5))
+    proc.kill()
+    proc.wait(timeout=60)
+  proc = _run(workdir, run_inputs, NO_TB)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ref_params, ref_opt = _final_params(uninterrupted[0])
+  params, opt = _final_params(workdir)
+  for a, b in zip(_flat(ref_params) + _flat(ref_opt), _flat(params) + _flat(opt)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_half_written_checkpoint_is_never_picked(uninterrupted, run_inputs, tmp_path):
+  """A step directory left under Orbax's temporary name (a save cut short) is ignored on resume."""
+  import shutil
+  workdir = tmp_path / 'half'
+  shutil.copytree(uninterrupted[0], workdir)
+  ckpts = workdir / 'checkpoints'
+  shutil.rmtree(ckpts / str(STEPS))  # the last complete checkpoint is now STEPS - 2
+  half = ckpts / f'{STEPS}.orbax-checkpoint-tmp-1'
+  shutil.copytree(ckpts / str(STEPS - 2), half)
+  for f in (half / 'state').rglob('*'):
+    if f.is_file() and f.stat().st_size > 64:
+      f.write_bytes(f.read_bytes()[:32])  # torn writes
+  proc = _run(workdir, run_inputs, NO_TB)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'resumed from {ckpts / str(STEPS - 2)}' in proc.stdout
+  for a, b in zip(_flat(_final_params(uninterrupted[0])), _flat(_final_params(workdir))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_flags_give_one_line_and_exit_2(run_inputs, tmp_path):
+  proc = subprocess.run(_command(tmp_path / 'bad', *run_inputs, NO_TB, '--config.data.corpus_paths=/no/such/dir'),
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert 'Traceback' not in proc.stderr
+  assert '/no/such/dir' in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,94 @@
+"""Three training steps on (data, fsdp, tensor) meshes equal the one-device run (fp32), with the state sharded.
+
+The steps accumulate over two micro-batches, so the scan and the strided micro-batch split run sharded too.
+"""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from glm_jax import GLM, axis_rules, make_mesh
+from glm_jax.config import train_defaults
+from glm_jax.sharding import mesh_shape
+from glm_jax.train import init_train_state, make_train_step, state_shardings
+from tests.conftest import load_config
+
+# inner 172 so that the GeGLU width splits 4 ways; vocab 128 splits over tensor, hidden 64 over fsdp
+MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=172, vocab_size=128,
+             max_sequence_length=64)
+B, S, STEPS = 16, 16, 3
+MESHES = [(2, 2, 2), (1, 2, 4), (8, 1, 1)]
+
+
+def make_config():
+  config = load_config('tiny', **MODEL)
+  config.train = train_defaults()
+  config.train.update(dict(learning_rate=5e-4, warmup_steps=1, decay_steps=8, grad_accum_steps=2, batch_size=B,
+                           seq_len=S))
+  return config
+
+
+def make_batch():
+  rng = np.random.default_rng(0)
+  return dict(tokens=rng.integers(0, 128, (B, S), dtype=np.int32),
+              targets=rng.integers(0, 128, (B, S), dtype=np.int32),
+              position_ids=np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
+              attention_mask=np.broadcast_to(np.tril(np.ones((S, S), bool)), (B, 1, S, S)).copy(),
+              loss_mask=np.ones((B, S), np.float32))
+
+
+def train(model, config, state, mesh=None, rules=None):
+  step = make_train_step(model, config, mesh, rules)
+  batch, metrics = make_batch(), []
+  for _ in range(STEPS):
+    state, m = step(state, batch)
+    metrics.append({k: float(v) for k, v in m.items()})
+  return state, metrics
+
+
+@pytest.fixture(scope='module')
+def reference():
+  config = make_config()
+  model = GLM(config.model)
+  state0 = init_train_state(model, config, jax.random.key(3))
+  host0 = jax.tree.map(np.asarray, state0)  # kept: the train step donates its input state
+  state, metrics = train(model, config, state0)
+  return model, host0, jax.tree.map(np.asarray, state.params), metrics
+
+
+@pytest.mark.parametrize('shape', MESHES, ids=lambda s: 'x'.join(map(str, s)))
+def test_sharded_training_equals_one_device(reference, shape):
+  model, host0, ref_params, ref_metrics = reference
+  config = make_config()
+  config.mesh.update(dict(zip(('data', 'fsdp', 'tensor'), shape)))
+  mesh, rules = make_mesh(config.mesh), axis_rules(config)
+  shardings = state_shardings(model, config, mesh, rules)
+  if shape == MESHES[0]:
+    # The state is created sharded, with the same values as on one device; Adam's moments are laid out like params.
+    state = init_train_state(model, config, jax.random.key(3), mesh, rules)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(host0)):
+      np.testing.assert_array_equal(np.asarray(a), b)
+    mu = optax.tree_utils.tree_get(state.opt_state, 'mu')
+    for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mu)):
+      assert m.sharding == p.sharding
+      assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
+    sizes = mesh_shape(config.mesh, 8)
+    emb = state.params['word_embeddings']
+    assert emb.addressable_shards[0].data.shape == (128 // sizes['tensor'], 64 // sizes['fsdp'])
+  else:
+    state = jax.device_put(host0, shardings)
+  state, metrics = train(model, config, state, mesh, rules)
+
+  assert jax.tree.leaves(state.params)[0].sharding == jax.tree.leaves(shardings.params)[0]
+  for key in ('loss', 'grad_norm'):
+    got, want = [m[key] for m in metrics], [m[key] for m in ref_metrics]
+    np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=key)
+  scale = max(np.abs(x).max() for x in jax.tree.leaves(ref_params))
+  errors = {jax.tree_util.keystr(k): float(np.abs(np.asarray(a) - b).max())
+            for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(ref_params))}
+  worst = max(errors, key=errors.get)
+  assert errors[worst] <= 1e-5 * scale, (shape, worst, errors[worst], scale)
+  # and training moved the weights by far more than the tolerance
+  moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(host0.params)))
+  assert moved > 100 * 1e-5 * scale
