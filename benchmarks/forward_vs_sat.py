@@ -39,7 +39,7 @@ def parse_args(argv=None):
                  help='comma-separated BATCHxSEQ sizes (default: %(default)s)')
   p.add_argument('--repeats', type=int, default=5,
                  help='timed rounds per size, the median is reported (default: %(default)s)')
-  p.add_argument('--warmup', type=int, default=2,
+  p.add_argument('--warmup', type=int, default=1,
                  help='untimed calls of each framework per size after compilation (default: %(default)s)')
   p.add_argument('--core', type=int, default=None,
                  help='CPU core to pin the process to (default: the least busy allowed core, sampled at start)')
@@ -49,6 +49,8 @@ def parse_args(argv=None):
                  help='side of the square fp32 matmul that measures peak FLOP/s (default: %(default)s)')
   p.add_argument('--config', default='small', help='config module under configs/ (default: %(default)s)')
   p.add_argument('--seed', type=int, default=0, help='seed of the random weights and tokens')
+  p.add_argument('--profile', action='store_true',
+                 help='after timing, trace one JAX forward per size (jax.profiler) and print the ops that take longest')
   args = p.parse_args(argv)
   try:
     args.sizes = [tuple(int(v) for v in s.lower().split('x')) for s in args.sizes.split(',') if s.strip()]
@@ -207,14 +209,15 @@ def main(argv=None):
       'torch': lambda: torch.matmul(a_t, b_t),
       'numpy': lambda: a_np @ b_np,
   }
-  peak_best = {k: 0.0 for k in peak_fns}  # FLOP/s
+  peak_wall = {k: 0.0 for k in peak_fns}  # best FLOP/s over the run, by wall time
+  peak_cpu = {k: 0.0 for k in peak_fns}  # and by process CPU time
   mm_flops = 2.0 * n ** 3
 
   def probe_peak():
     for k, fn in peak_fns.items():
-      t = time.perf_counter()
-      fn()
-      peak_best[k] = max(peak_best[k], mm_flops / (time.perf_counter() - t))
+      w, c = timed(fn)
+      peak_wall[k] = max(peak_wall[k], mm_flops / w)
+      peak_cpu[k] = max(peak_cpu[k], mm_flops / c)
 
   for _ in range(3):
     probe_peak()
@@ -254,79 +257,149 @@ def main(argv=None):
         forward(*args_jx).block_until_ready()
 
       def run_sat():
-        sat_model(tok_t, pos_t, mask_t)
+        sat_model(tok_t, pos_t, mask_t)  # SAT's own forward: (logits, per-layer mem_kv dicts), left as tensors
 
       for _ in range(args.warmup):
         run_jax()
         run_sat()
 
-      times = {'jax': [], 'sat': []}
+      wall = {'jax': [], 'sat': []}
+      cpu = {'jax': [], 'sat': []}
       for r in range(args.repeats):
         order = ('jax', 'sat') if r % 2 == 0 else ('sat', 'jax')
         for which in order:
           if which == 'jax':
             ticks0 = thread_cpu_ticks()
-            c0, w0 = time.process_time(), time.perf_counter()
-            run_jax()
-            w1, c1 = time.perf_counter(), time.process_time()
+            w, c = timed(run_jax)
             ticks1 = thread_cpu_ticks()
-            times['jax'].append(w1 - w0)
-            jax_wall += w1 - w0
-            jax_cpu += c1 - c0
+            jax_wall += w
+            jax_cpu += c
             for tid, v in ticks1.items():
               busy_threads[tid] = busy_threads.get(tid, 0) + v - ticks0.get(tid, 0)
           else:
-            w0 = time.perf_counter()
-            run_sat()
-            times['sat'].append(time.perf_counter() - w0)
+            w, c = timed(run_sat)
+          wall[which].append(w)
+          cpu[which].append(c)
         probe_peak()
-        print(f'  round {r + 1}/{args.repeats}: jax {times["jax"][-1] * 1e3:8.1f} ms   '
-              f'sat {times["sat"][-1] * 1e3:8.1f} ms', flush=True)
+        print(f'  round {r + 1}/{args.repeats}: jax {wall["jax"][-1] * 1e3:8.1f} ms (cpu {cpu["jax"][-1] * 1e3:8.1f})'
+              f'   sat {wall["sat"][-1] * 1e3:8.1f} ms (cpu {cpu["sat"][-1] * 1e3:8.1f})', flush=True)
       parts, matmul_params = forward_flops(cfg, b, s)
-      results.append(dict(size=f'{b}x{s}', jax=float(np.median(times['jax'])), sat=float(np.median(times['sat'])),
-                          jax_min=min(times['jax']), sat_min=min(times['sat']), flops=sum(parts.values()),
-                          parts=parts, matmul_params=matmul_params))
+      res = dict(size=f'{b}x{s}', flops=sum(parts.values()), parts=parts, matmul_params=matmul_params)
+      for name, d in (('wall', wall), ('cpu', cpu)):
+        j, t_ = np.array(d['jax']), np.array(d['sat'])
+        res[name] = dict(jax=float(np.median(j)), sat=float(np.median(t_)), paired=float(np.median(j / t_)),
+                         jax_min=float(j.min()), sat_min=float(t_.min()))
+      results.append(res)
+      if args.profile:
+        profile_forward(jax, forward, args_jx, f'{b}x{s}')
 
   # ---------------------------------------------------------------- report
-  peak_src = max(peak_best, key=peak_best.get)
-  peak = peak_best[peak_src]
-  print(f'\npeak: best single-core fp32 {n}x{n} matmul over the run: '
-        + ', '.join(f'{k} {v / 1e9:.1f}' for k, v in peak_best.items())
-        + f' GFLOP/s -> peak = {peak / 1e9:.1f} GFLOP/s ({peak_src})')
+  def peak_of(d):
+    src = max(d, key=d.get)
+    return d[src], src
+
+  peak, peak_src = peak_of(peak_wall)
+  peak_c, peak_c_src = peak_of(peak_cpu)
+  print(f'\npeak: best single-core fp32 {n}x{n} matmul over the run (by wall time): '
+        + ', '.join(f'{k} {v / 1e9:.1f}' for k, v in peak_wall.items())
+        + f' GFLOP/s -> peak = {peak / 1e9:.1f} GFLOP/s ({peak_src}); by CPU time: '
+        + ', '.join(f'{k} {v / 1e9:.1f}' for k, v in peak_cpu.items()) + f' -> {peak_c / 1e9:.1f} ({peak_c_src})')
   print(f'FLOPs per forward (matmuls only; non-embedding matmul parameters P = {results[0]["matmul_params"]:,}):')
   for r in results:
     print(f'  {r["size"]:>7}: ' + ' + '.join(f'{k} {v / 1e9:.2f}' for k, v in r['parts'].items())
           + f' = {r["flops"] / 1e9:.2f} GFLOP')
 
-  print(f'\nmedian of {args.repeats} interleaved runs (JAX/SAT < 1: JAX faster); fraction of peak from the JAX median')
-  hdr = (f'{"size":>7} | {"JAX ms":>9} | {"SAT ms":>9} | {"JAX/SAT":>7} | {"SAT/JAX":>7} | {"JAX GFLOP/s":>11} | '
-         f'{"of peak":>7} | {"SAT GFLOP/s":>11} | {"of peak":>7}')
+  print(f'\nwall time, median of {args.repeats} interleaved rounds. JAX/SAT < 1: JAX faster ("paired": median of the '
+        f'per-round ratios). Fraction of peak: JAX median vs the wall-time peak.')
+  hdr = (f'{"size":>7} | {"JAX ms":>9} | {"SAT ms":>9} | {"JAX/SAT":>7} | {"paired":>6} | {"SAT/JAX":>7} | '
+         f'{"JAX GFLOP/s":>11} | {"of peak":>7} | {"SAT GFLOP/s":>11} | {"of peak":>7}')
   print(hdr)
   print('-' * len(hdr))
   for r in results:
-    gj, gs = r['flops'] / r['jax'], r['flops'] / r['sat']
-    print(f'{r["size"]:>7} | {r["jax"] * 1e3:9.1f} | {r["sat"] * 1e3:9.1f} | {r["jax"] / r["sat"]:7.3f} | '
-          f'{r["sat"] / r["jax"]:6.2f}x | {gj / 1e9:11.1f} | {gj / peak:7.1%} | {gs / 1e9:11.1f} | {gs / peak:7.1%}')
-  print('(best runs instead of medians: ' + '; '.join(
-      f'{r["size"]} JAX/SAT {r["jax_min"] / r["sat_min"]:.3f}, JAX {r["flops"] / r["jax_min"] / peak:.1%} of peak'
-      for r in results) + ')')
+    t = r['wall']
+    gj, gs = r['flops'] / t['jax'], r['flops'] / t['sat']
+    print(f'{r["size"]:>7} | {t["jax"] * 1e3:9.1f} | {t["sat"] * 1e3:9.1f} | {t["jax"] / t["sat"]:7.3f} | '
+          f'{t["paired"]:6.3f} | {t["sat"] / t["jax"]:6.2f}x | {gj / 1e9:11.1f} | {gj / peak:7.1%} | '
+          f'{gs / 1e9:11.1f} | {gs / peak:7.1%}')
+  print(f'\nsame runs by process CPU time (not inflated when other processes take the core; fraction vs the CPU-time '
+        f'peak {peak_c / 1e9:.1f} GFLOP/s):')
+  hdr2 = (f'{"size":>7} | {"JAX cpu ms":>10} | {"SAT cpu ms":>10} | {"JAX/SAT":>7} | {"paired":>6} | '
+          f'{"JAX GFLOP/s":>11} | {"of peak":>7} | {"SAT GFLOP/s":>11} | {"of peak":>7}')
+  print(hdr2)
+  print('-' * len(hdr2))
+  for r in results:
+    t = r['cpu']
+    gj, gs = r['flops'] / t['jax'], r['flops'] / t['sat']
+    print(f'{r["size"]:>7} | {t["jax"] * 1e3:10.1f} | {t["sat"] * 1e3:10.1f} | {t["jax"] / t["sat"]:7.3f} | '
+          f'{t["paired"]:6.3f} | {gj / 1e9:11.1f} | {gj / peak_c:7.1%} | {gs / 1e9:11.1f} | {gs / peak_c:7.1%}')
 
   lists, n_threads = thread_affinities()
   worked = sorted((v for v in busy_threads.values() if v > 0), reverse=True)
   print(f'\none-core check: {n_threads} threads in the process, Cpus_allowed_list of all of them: {sorted(lists)}; '
         f'during the timed JAX forwards process CPU time / wall time = {jax_cpu / max(jax_wall, 1e-9):.2f} '
-        f'(> 1 would mean parallel work); threads that accumulated CPU ticks: {len(worked)} {worked[:8]}')
+        f'(> 1 would mean work on more than one core at once; < 1: the core was shared with other processes); '
+        f'threads that accumulated CPU ticks: {len(worked)} {worked[:8]}')
   print(f'load average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}')
 
-  print('\ntargets:')
+  print('\ntargets (wall-time medians; CPU-time figures in brackets):')
   for r in results:
-    print(f'  {r["size"]}: faster than SAT: {"yes" if r["jax"] < r["sat"] else "NO"} '
-          f'(JAX/SAT {r["jax"] / r["sat"]:.3f})')
-  big = [r for r in results if r['size'] == '8x256']
-  for r in big:
-    frac = r['flops'] / r['jax'] / peak
-    print(f'  8x256: at least 50% of peak: {"yes" if frac >= 0.5 else "NO"} ({frac:.1%})')
+    w, c = r['wall'], r['cpu']
+    print(f'  {r["size"]}: faster than SAT: {"yes" if w["jax"] < w["sat"] else "NO"} '
+          f'(JAX/SAT {w["jax"] / w["sat"]:.3f} [{c["jax"] / c["sat"]:.3f}])')
+  for r in results:
+    if r['size'] == '8x256':
+      frac, frac_c = r['flops'] / r['wall']['jax'] / peak, r['flops'] / r['cpu']['jax'] / peak_c
+      print(f'  8x256: at least 50% of peak: {"yes" if frac >= 0.5 else "NO"} ({frac:.1%} [{frac_c:.1%}])')
   return 0
+
+
+def timed(fn):
+  """(wall seconds, process CPU seconds) of one call."""
+  c0, w0 = time.process_time(), time.perf_counter()
+  fn()
+  w1, c1 = time.perf_counter(), time.process_time()
+  return w1 - w0, c1 - c0
+
+
+def profile_forward(jax, forward, args_jx, label, top=14):
+  """Traces one JAX forward with jax.profiler and prints the XLA ops that took longest (summed over layers)."""
+  import collections
+  import glob
+  import gzip
+  import json
+  import re
+  import shutil
+  import tempfile
+  d = tempfile.mkdtemp(prefix='forward_vs_sat_profile_')
+  try:
+    hlo = forward.lower(*args_jx).compile().as_text()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      forward(*args_jx).block_until_ready()
+    files = glob.glob(os.path.join(d, 'plugins', 'profile', '*', 'perfetto_trace.json.gz'))
+    if not files:
+      print(f'  [{label}] profile: no perfetto trace was written')
+      return
+    with gzip.open(files[0]) as f:
+      events = json.load(f)
+    events = events['traceEvents'] if isinstance(events, dict) else events
+    dur, cnt = collections.defaultdict(float), collections.Counter()
+    for e in events:
+      name = e.get('name', '')
+      if e.get('ph') != 'X' or name.startswith(('$', 'ThunkExecutor', 'while', 'Pjit')):
+        continue
+      m = re.search(r'\n\s*(?:ROOT )?%' + re.escape(name) + r' = [^\n]*?op_name="([^"]*)"', hlo)
+      what = '/'.join(m.group(1).split('/')[-2:]) if m else '?'
+      key = f'{re.sub(r"[.][0-9]+$", "", name)}  {what}'
+      dur[key] += e.get('dur', 0) / 1e3
+      cnt[key] += 1
+    total = sum(dur.values())
+    print(f'  [{label}] profile of one JAX forward: {total:.0f} ms in XLA ops; longest (summed over calls):')
+    for k, v in sorted(dur.items(), key=lambda kv: -kv[1])[:top]:
+      print(f'    {v:9.1f} ms {v / total:6.1%}  x{cnt[k]:<3d} {k[:100]}')
+  except Exception as exc:  # a diagnostic: never let it fail the benchmark
+    print(f'  [{label}] profile failed: {type(exc).__name__}: {exc}')
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == '__main__':

@@ -284,7 +284,7 @@ class GLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxS, position_ids, attention_mask, *, deterministic: bool = True, cache=None,
-               cache_index=None, input_embedding=None):
+               cache_index=None, input_embedding=None, logits_index=None):
     """Logits [B, S, V] float32; with `cache` (from init_cache) returns (logits, new_cache).
 
     tokens_BxS: int32 [B, S]. position_ids: int32 [B, S] (1-D) or [B, 2, S] (2-D).
@@ -292,6 +292,8 @@ class GLM(nn.Module):
     cache_index: where this call's S keys/values are written in the cache (a scalar; prefill 0, then each step).
     input_embedding: an optional [V, D] table for the input lookup, defaulting to the tied one. Training passes the
       tied table here as its own leaf so that the lookup's share of the gradient can be treated separately.
+    logits_index: optional int32 [B]: compute logits only at this row of each sequence (logits [B, 1, V]); a
+      prefill reads one row per prompt, and at GLM-130B's vocabulary the full [B, S, V] would be gigabytes.
     """
     cfg: GLMConfig = self.config
     dt = cfg.compute_dtype
@@ -320,6 +322,8 @@ class GLM(nn.Module):
     x_BxSxD, new_cache_kv = stack(cfg, deterministic, name='layers')(
         x_BxSxD, (layer_ids, cache_kv), rope_parts, attention_mask, cache_index)
 
+    if logits_index is not None:
+      x_BxSxD = jnp.take_along_axis(x_BxSxD, logits_index[:, None, None], axis=1)
     x_BxSxD = LayerNorm(cfg, name='final_layernorm')(x_BxSxD)
     logits_BxSxV = jnp.einsum('bsd,vd->bsv', x_BxSxD, embedding_VxD.astype(dt),
                               preferred_element_type=jnp.float32).astype(dt).astype(jnp.float32)

@@ -118,3 +118,16 @@ def test_cache_prefill_then_steps_equal_full_forward(small_model):
                                 cache=cache, cache_index=t)
     np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
   assert count_params(params) > 0
+
+
+def test_logits_index_reads_one_row_per_sequence(small_model):
+  _, model, params = small_model
+  s = 7
+  tokens = jnp.arange(2 * s, dtype=jnp.int32).reshape(2, s)
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s))
+  mask = jnp.tril(jnp.ones((s, s), bool))[None, None]
+  full = model.apply({'params': params}, tokens, pos, mask)
+  rows = jnp.array([3, 6], jnp.int32)
+  picked = model.apply({'params': params}, tokens, pos, mask, logits_index=rows)
+  assert picked.shape == (2, 1, full.shape[-1])
+  np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), rows], atol=1e-6)

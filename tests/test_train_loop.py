@@ -114,15 +114,19 @@ def test_resume_after_sigkill_is_bit_exact(uninterrupted, run_inputs, tmp_path):
     if phase == 'after_save':
       assert steps[-1] == 6
   rng = np.random.default_rng(0)
-  for _ in range(2):  # kills at random times, once the run is underway
+  for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM):  # at random times, once the run is underway
     proc = subprocess.Popen(_command(workdir, *run_inputs, NO_TB), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
       if 'resumed from' in line:
         break
     time.sleep(rng.uniform(0.0, 1.5))
-    proc.kill()
+    proc.send_signal(sig)
+    out = proc.stdout.read()
     proc.wait(timeout=60)
+    if sig == signal.SIGTERM and proc.returncode == 0 and 'saved step' in out:  # unless it had already finished
+      stopped_at = int(out.split('SIGTERM: saved step ')[1].split()[0])
+      assert (workdir / 'checkpoints' / str(stopped_at) / 'commit_success.txt').exists()
   proc = _run(workdir, run_inputs, NO_TB)
   assert proc.returncode == 0, proc.stderr[-3000:]
   ref_params, ref_opt = _final_params(uninterrupted[0])

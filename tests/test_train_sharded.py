@@ -47,37 +47,47 @@ def train(model, config, state, mesh=None, rules=None):
   return state, metrics
 
 
+def mesh_for(shape):
+  config = make_config()
+  config.mesh.update(dict(zip(('data', 'fsdp', 'tensor'), shape)))
+  return config, make_mesh(config.mesh), axis_rules(config)
+
+
 @pytest.fixture(scope='module')
 def reference():
-  config = make_config()
+  """The initial state, created sharded on the first mesh (one init compile serves the whole file), and three
+  steps of it on one device."""
+  config, mesh, rules = mesh_for(MESHES[0])
   model = GLM(config.model)
-  state0 = init_train_state(model, config, jax.random.key(3))
-  host0 = jax.tree.map(np.asarray, state0)  # kept: the train step donates its input state
-  state, metrics = train(model, config, state0)
-  return model, host0, jax.tree.map(np.asarray, state.params), metrics
+  state0 = init_train_state(model, config, jax.random.key(3), mesh, rules)
+  host0 = jax.tree.map(np.asarray, state0)
+  state, metrics = train(model, make_config(), jax.device_put(host0, jax.devices()[0]))
+  return model, state0, host0, jax.tree.map(np.asarray, state.params), metrics
+
+
+def test_state_is_created_sharded(reference):
+  model, state0, _, _, _ = reference
+  config, mesh, rules = mesh_for(MESHES[0])
+  shardings = state_shardings(model, config, mesh, rules)
+  assert all(a.sharding == s for a, s in zip(jax.tree.leaves(state0), jax.tree.leaves(shardings)))
+  # Adam's moments are laid out like the parameters, and split as the rules say.
+  mu = optax.tree_utils.tree_get(state0.opt_state, 'mu')
+  for p, m in zip(jax.tree.leaves(state0.params), jax.tree.leaves(mu)):
+    assert m.sharding == p.sharding
+    assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
+  sizes = mesh_shape(config.mesh, 8)
+  assert state0.params['word_embeddings'].addressable_shards[0].data.shape == (128 // sizes['tensor'],
+                                                                                64 // sizes['fsdp'])
+  assert mu['layers']['mlp']['h_to_4h_kernel'].addressable_shards[0].data.shape == (2, 32, 2, 172 // 2)
+  # (That a sharded init gives the one-device values is tests/test_sharding.py's check of init_params.)
 
 
 @pytest.mark.parametrize('shape', MESHES, ids=lambda s: 'x'.join(map(str, s)))
 def test_sharded_training_equals_one_device(reference, shape):
-  model, host0, ref_params, ref_metrics = reference
-  config = make_config()
-  config.mesh.update(dict(zip(('data', 'fsdp', 'tensor'), shape)))
-  mesh, rules = make_mesh(config.mesh), axis_rules(config)
+  model, _, host0, ref_params, ref_metrics = reference
+  config, mesh, rules = mesh_for(shape)
   shardings = state_shardings(model, config, mesh, rules)
-  if shape == MESHES[0]:
-    # The state is created sharded, with the same values as on one device; Adam's moments are laid out like params.
-    state = init_train_state(model, config, jax.random.key(3), mesh, rules)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(host0)):
-      np.testing.assert_array_equal(np.asarray(a), b)
-    mu = optax.tree_utils.tree_get(state.opt_state, 'mu')
-    for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mu)):
-      assert m.sharding == p.sharding
-      assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
-    sizes = mesh_shape(config.mesh, 8)
-    emb = state.params['word_embeddings']
-    assert emb.addressable_shards[0].data.shape == (128 // sizes['tensor'], 64 // sizes['fsdp'])
-  else:
-    state = jax.device_put(host0, shardings)
+  state = jax.device_put(host0, shardings)
   state, metrics = train(model, config, state, mesh, rules)
 
   assert jax.tree.leaves(state.params)[0].sharding == jax.tree.leaves(shardings.params)[0]

@@ -238,7 +238,7 @@ def make_train_step(model, config, mesh: Mesh | None = None, rules=None, *, dona
     finite = precision.all_finite(grads)
     count = applied_updates(state.opt_state)
     alpha = egs_schedule(count)
-    grad_norm = optax.global_norm(fold_embedding_grads(grads, alpha))
+    grad_norm = optax.tree.norm(fold_embedding_grads(grads, alpha))
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     new_state = TrainState(
