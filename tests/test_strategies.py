@@ -159,6 +159,8 @@ def _logit_table(seed):
   x = rng.normal(size=(STEPS, 2, 4, VOCAB)).astype(np.float32) * 1.5
   x[..., 3:7] += 1.5  # a few favourite tokens so that n-grams repeat
   x[..., list(END)] += rng.uniform(-1.0, 2.5, size=(STEPS, 2, 1, 1)).astype(np.float32)
+  if seed % 2 == 0:  # exact ties between the two end tokens: candidates tie-break by lower id, and a new end beam
+    x[..., END[1]] = x[..., END[0]]  # goes in front of an equal older one
   return x
 
 

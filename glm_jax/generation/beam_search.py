@@ -21,7 +21,8 @@ One step, exactly as G130's `forward` (differences listed below):
    beams start with score -inf, which is G130's "keep the first V" in fixed shape);
 6. C = (max(1, len(end_tokens)) + 1) * K candidates: the top C when `deterministic`, else C samples without replacement
    from softmax(flat scores) (Gumbel-top-k: the C largest of score + Gumbel noise are an exact sample without
-   replacement, the same distribution as torch.multinomial(replacement=False)); sorted by score, descending;
+   replacement, the same distribution as torch.multinomial(replacement=False)); sorted by score, descending (equal
+   scores: lower flat index, i.e. lower beam then lower id, first; torch leaves the order of ties unspecified);
 7. walk the candidates in order: an end token becomes an end beam with the penalised score
    score / ((5 + len) / 6) ** length_penalty, len = context_length + length + 1 (the whole real row: context with
    its mask and eos, <sop>, the generated tokens and the end token); any other candidate continues while fewer than
@@ -46,7 +47,8 @@ entirely of generated tokens can match (bans from generated tokens only). With n
 Deliberate differences from G130:
 - lengths use each row's real context length (`context_lengths`), never the padded bucket length: G130's evaluation
   pads contexts to a multiple of 32 and its length penalty, done test and `seq_len > n` test then count the padding
-  (§10 item 12); generate.py (batch 1, unpadded) is matched exactly;
+  (§10 item 12), and its first n-gram keys hold padding tokens rather than the context's tail; generate.py (batch 1,
+  unpadded) is matched exactly;
 - deterministic candidates are the top C of the fp32 scores; G130 takes top-k of softmax(scores), which only differs
   among candidates whose probability underflows to 0 (where torch's order is unspecified);
 - a done row is frozen; G130 keeps extending its live beams (end tokens then continue), which only changes live beams
@@ -238,6 +240,8 @@ def _ban_mask(cfg: BeamSearchConfig, state: BeamState, v: int):
     conds.append(match & earlier & row_long_enough[:, None, None])
     ids.append(state.tokens)
   for p in cfg.banned_prefixes:
+    if p[-1] >= v:
+      raise ValueError(f'banned_prefixes id {p[-1]} is outside the vocabulary of the logits (size {v})')
     if len(p) - 1 >= t:
       continue  # step len(p)-1 never happens
     hit = length == len(p) - 1
@@ -245,8 +249,6 @@ def _ban_mask(cfg: BeamSearchConfig, state: BeamState, v: int):
       hit = hit & jnp.all(state.tokens[:, :, :len(p) - 1] == jnp.asarray(p[:-1], jnp.int32), axis=-1)
     conds.append(jnp.broadcast_to(hit, (b, k))[:, :, None])
     ids.append(jnp.full((b, k, 1), p[-1], jnp.int32))
-    if p[-1] >= v:
-      raise ValueError(f'banned_prefixes id {p[-1]} is outside the vocabulary of the logits (size {v})')
   if conds:
     cond = jnp.concatenate(conds, axis=2)
     idx = jnp.concatenate(ids, axis=2)
@@ -272,7 +274,7 @@ def _merge_end_beams(cfg: BeamSearchConfig, end_tokens, end_lengths, end_scores,
   new_added False carry -inf and are not counted.
   """
   k = cfg.num_beams
-  scores = jnp.concatenate([jnp.where(new_added, new_scores, -jnp.inf), end_scores], axis=1)
+  scores = jnp.concatenate([jnp.where(new_added, new_scores, -jnp.inf)[:, ::-1], end_scores], axis=1)
   tokens = jnp.concatenate([new_tokens[:, ::-1], end_tokens], axis=1)
   lengths = jnp.concatenate([new_lengths[:, ::-1], end_lengths], axis=1)
   _, order = jax.lax.top_k(scores, k)  # = a stable sort's first K: ties keep the lower index first

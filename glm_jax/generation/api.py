@@ -1,0 +1,331 @@
+"""A notebook-friendly generation API: load once, then generate, fill blanks and score continuations.
+
+    from glm_jax.generation import Generator
+    gen = Generator.load('runs/tiny')                    # params + config + <checkpoint>/tokenizer.model
+    gen.generate('The capital of France is [MASK].')     # -> str: the filled text (GLM-130B's answer)
+    gen.generate('Once upon a time')                     # no mask: [gMASK] appended, a continuation
+    gen.generate(['a [MASK] b', 'c'], top_k=1)           # a list -> a list of str, decoded in batches
+    gen.fill('a [MASK] b', strategy='BeamSearchStrategy')   # -> blanks.FillResult: .text .blanks .beams .ids ...
+    gen.log_probs('The capital of France is', [' Paris', ' London'])   # -> [float, float]
+
+Options (the defaults are GLM-130B's `scripts/generate.sh` and generate.py's, glm130b.md §5.3-5.5):
+  out_seq_length=256   the total length of the sequence, prompt included, per blank (capped at the model's
+                       max_sequence_length);
+  min_gen_length=0     per blank, end tokens are banned until this many tokens exist;
+  strategy='BaseStrategy' (sampling: temperature, top_k, top_p; top_k=1 is greedy decoding) or
+           'BeamSearchStrategy' (num_beams, length_penalty, no_repeat_ngram_size; consider_end=True and random
+           candidates as G130's generate.py), or a decode.SamplingConfig / beam_search.BeamSearchConfig;
+  top_k=0, top_p=0.7, temperature=1.0, num_beams=4, length_penalty=1.0, no_repeat_ngram_size=3, seed=1234.
+Bad values raise ValueError naming the flag (`make_strategy`, `check_options`).
+
+Compiled programs are kept on the instance and reused across calls: the decoder's prefill + loop (keyed by batch
+size, the prompt and generation length buckets, and the strategy: changing temperature / top_k / top_p / beam
+settings compiles a new program) and the scorer of `log_probs` (keyed by length buckets).
+
+Streaming (`stream=callback`, one prompt): the callback receives the answer's text in pieces, in order: the text
+before the blank at once, then the blank as its tokens are generated, then the rest; ''.join(pieces) is the answer.
+With BaseStrategy this is genuine streaming: the decode loop reports every token to the host from inside the compiled
+loop (`jax.debug.callback`), the same program otherwise, so the tokens equal those of a call without streaming. With
+beam search the text comes at the end of each blank (the best beam is known only then).
+
+Not thread-safe: one call at a time per Generator.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm_jax import layouts
+from glm_jax.generation import blanks as blanks_lib
+from glm_jax.generation import sampling as sampling_lib
+from glm_jax.generation.beam_search import BeamSearchConfig
+from glm_jax.generation.decode import Decoder, SamplingConfig, bucket_length
+from glm_jax.model import GLM, GLMConfig
+from glm_jax.tokenizer import GLMTokenizer
+
+STRATEGIES = ('BaseStrategy', 'BeamSearchStrategy')
+DEFAULTS = dict(out_seq_length=256, min_gen_length=0, strategy='BaseStrategy', top_k=0, top_p=0.7, temperature=1.0,
+                num_beams=4, length_penalty=1.0, no_repeat_ngram_size=3, seed=1234)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def make_strategy(strategy='BaseStrategy', *, top_k=0, top_p=0.7, temperature=1.0, num_beams=4, length_penalty=1.0,
+                  no_repeat_ngram_size=3):
+  """The decoder strategy for these flags. Every flag is checked, whichever strategy uses it (a bad value is an
+  error even when the chosen strategy ignores it). Raises ValueError naming the flag."""
+  if not isinstance(strategy, (SamplingConfig, BeamSearchConfig)) and strategy not in STRATEGIES:
+    raise ValueError(f'--sampling-strategy must be one of {", ".join(STRATEGIES)}, got {strategy!r}')
+  if not _is_number(temperature):
+    raise ValueError(f'--temperature must be a finite number > 0, got {temperature!r}')
+  if not _is_number(top_p):
+    raise ValueError(f'--top_p must be a number in [0, 1] (0 disables top-p), got {top_p!r}')
+  sampling_lib.validate_sampling(float(temperature), int(top_k) if _is_int(top_k) else top_k, float(top_p))
+  beam = BeamSearchConfig(num_beams=num_beams, length_penalty=length_penalty, consider_end=True,
+                          no_repeat_ngram_size=no_repeat_ngram_size)
+  beam.validate()
+  if isinstance(strategy, (SamplingConfig, BeamSearchConfig)):
+    return strategy
+  if strategy == 'BeamSearchStrategy':
+    return BeamSearchConfig(num_beams=int(num_beams), length_penalty=float(length_penalty), consider_end=True,
+                            no_repeat_ngram_size=int(no_repeat_ngram_size))
+  if int(top_k) == 1:
+    return SamplingConfig(greedy=True)  # top-1 sampling is argmax (ties: the lowest id)
+  return SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+
+
+def check_options(*, out_seq_length=256, min_gen_length=0, seed=1234, **strategy_flags):
+  """Checks every generation option; returns the strategy (see `make_strategy`). Raises ValueError naming the flag."""
+  if not _is_int(out_seq_length) or out_seq_length < 2:
+    raise ValueError(f'--out-seq-length must be an integer >= 2 (it counts the prompt), got {out_seq_length!r}')
+  if not _is_int(min_gen_length) or min_gen_length < 0:
+    raise ValueError(f'--min-gen-length must be an integer >= 0, got {min_gen_length!r}')
+  if not _is_int(seed) or not 0 <= seed <= blanks_lib.MAX_SEED:
+    raise ValueError(f'--seed must be an integer in [0, {blanks_lib.MAX_SEED}], got {seed!r}')
+  return make_strategy(**strategy_flags)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_config(checkpoint: str | Path):
+  """The config of a glm-jax checkpoint or training run directory, without loading the parameters."""
+  import ml_collections
+  path = Path(checkpoint)
+  if not path.exists():
+    raise ValueError(f'{path}: no such checkpoint')
+  config_path = path / 'config.json'
+  if not config_path.is_file() or not ((path / 'params').is_dir() or (path / 'checkpoints').is_dir()):
+    raise ValueError(f'{path}: not a glm-jax checkpoint (expected config.json with params/ or checkpoints/)')
+  try:
+    return ml_collections.ConfigDict(json.loads(config_path.read_text(encoding='utf-8')))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f'{config_path}: cannot read the config ({e})') from None
+
+
+def tokenizer_path(checkpoint: str | Path, tokenizer: str | Path | None = None, config=None) -> Path:
+  """Where the tokenizer of this checkpoint is: `tokenizer` if given, else <checkpoint>/tokenizer.model, else the
+  training run's `config.run.tokenizer` (a run trained with a given tokenizer keeps no copy). ValueError if none."""
+  if tokenizer is not None:
+    p = Path(tokenizer)
+    if not p.exists() and p.suffix != '.model' and Path(str(p) + '.model').exists():
+      p = Path(str(p) + '.model')
+    if not p.is_file():
+      raise ValueError(f'tokenizer model file not found: {p}')
+    return p
+  own = Path(checkpoint) / 'tokenizer.model'
+  if own.is_file():
+    return own
+  configured = None
+  try:
+    configured = (config if config is not None else read_config(checkpoint)).run.tokenizer
+  except (AttributeError, KeyError, ValueError):
+    pass
+  if configured and Path(configured).is_file():
+    return Path(configured)
+  raise ValueError(f'no tokenizer: {own} does not exist; pass --tokenizer (tokenizer=) with the .model file')
+
+
+def load_tokenizer_and_config(checkpoint: str | Path, tokenizer=None):
+  """(GLMTokenizer, config) of a checkpoint, without loading the parameters; checks that they fit together."""
+  config = read_config(checkpoint)
+  tok = tokenizer if isinstance(tokenizer, GLMTokenizer) else GLMTokenizer.load(
+      tokenizer_path(checkpoint, tokenizer, config))
+  vocab = int(config.model.vocab_size)
+  if tok.vocab_size > vocab:
+    raise ValueError(f'the tokenizer has {tok.vocab_size} ids but the model only {vocab} embedding rows: '
+                     'they do not belong together')
+  return tok, config
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Streaming decoder
+
+
+class _StreamingDecoder(Decoder):
+  """The Decoder whose sampling loop also reports each token to the host as it is fed back into the model.
+
+  Step i of the loop feeds token i - 1 of every row; a `jax.debug.callback` there passes (i - 1, tokens [B]) to
+  `self.listener`. The last token (never fed back) is reported from the returned output (one prompt only). Beam
+  search is not reported.
+  """
+
+  def __init__(self, model, config_model):
+    super().__init__(model, config_model)
+    self.listener: Callable | None = None
+    self._error: BaseException | None = None
+
+  def _step_forward(self, params, inputs, cache, last_tokens, i, rows_per_prompt):
+    if rows_per_prompt == 1:
+      jax.debug.callback(self._emit, i - 1, last_tokens, ordered=True)
+    return super()._step_forward(params, inputs, cache, last_tokens, i, rows_per_prompt)
+
+  def _emit(self, step, tokens):
+    if self.listener is None or self._error is not None:
+      return
+    try:
+      self.listener(int(step), np.asarray(tokens))
+    except BaseException as e:  # noqa: BLE001 - re-raised in generate(), outside the XLA runtime
+      self._error = e
+
+  def generate(self, params, *args, on_tokens=None, **kwargs):
+    self.listener, self._error = on_tokens, None
+    try:
+      out = super().generate(params, *args, **kwargs)
+      if self._error is None and on_tokens is not None and len(out.tokens) == 1 and out.tokens[0]:
+        # The loop never feeds back its last token: report it now (one prompt; when the row ended earlier this is
+        # its end token, which the listener has seen already).
+        on_tokens(len(out.tokens[0]) - 1, np.asarray(out.tokens[0][-1:], np.int32))
+    finally:
+      self.listener = None
+    if self._error is not None:
+      err, self._error = self._error, None
+      raise err
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The generator
+
+
+class Generator:
+  """A model, its parameters and tokenizer, with compiled programs cached on the instance (see module docstring)."""
+
+  def __init__(self, params, config, tokenizer: GLMTokenizer):
+    self.config = config
+    self.model_config = GLMConfig.make(config.model if hasattr(config, 'model') else config)
+    if tokenizer.vocab_size > self.model_config.vocab_size:
+      raise ValueError(f'the tokenizer has {tokenizer.vocab_size} ids but the model only '
+                       f'{self.model_config.vocab_size} embedding rows')
+    self.tokenizer = tokenizer
+    self.model = GLM(self.model_config)
+    self.params = jax.device_put(params)
+    self.special_ids = blanks_lib.special_ids(tokenizer)
+    self._decoder = Decoder(self.model, self.model_config)
+    self._streaming_decoder: _StreamingDecoder | None = None
+    self._score = jax.jit(self._score_impl)
+
+  @classmethod
+  def load(cls, checkpoint: str | Path, tokenizer: str | Path | GLMTokenizer | None = None) -> 'Generator':
+    """From a glm-jax model checkpoint or a training run directory (model_io.load_model). The tokenizer defaults to
+    <checkpoint>/tokenizer.model (a training run keeps its tokenizer there); ValueError naming what is missing."""
+    from glm_jax.model_io import load_model
+    tok, _ = load_tokenizer_and_config(checkpoint, tokenizer)
+    params, config = load_model(checkpoint)
+    return cls(params, config, tok)
+
+  @property
+  def max_sequence_length(self) -> int:
+    return self.model_config.max_sequence_length
+
+  @property
+  def decoder(self) -> Decoder:
+    """The (non-streaming) Decoder; `decoder.trace_counts` shows what was compiled."""
+    return self._decoder
+
+  # -- generation ----------------------------------------------------------------------------------------------------
+
+  def _decode(self, contexts, mask_positions, use_gmask, *, on_tokens=None, **kwargs):
+    if on_tokens is None:
+      return self._decoder.generate(self.params, contexts, mask_positions, use_gmask, **kwargs)
+    if self._streaming_decoder is None:
+      self._streaming_decoder = _StreamingDecoder(self.model, self.model_config)
+    return self._streaming_decoder.generate(self.params, contexts, mask_positions, use_gmask, on_tokens=on_tokens,
+                                            **kwargs)
+
+  def fill(self, text: str | Sequence[str], *, out_seq_length=256, min_gen_length=0, strategy='BaseStrategy', top_k=0,
+           top_p=0.7, temperature=1.0, num_beams=4, length_penalty=1.0, no_repeat_ngram_size=3, seed=1234,
+           stream: Callable[[str], None] | None = None):
+    """Like `generate`, but returns blanks.FillResult (one text) or a list of them: .text, .blanks, .beams (every
+    beam's answer, best-first, for beam search), .ids, .input_ids, .input_text."""
+    strat = check_options(out_seq_length=out_seq_length, min_gen_length=min_gen_length, seed=seed, strategy=strategy,
+                          top_k=top_k, top_p=top_p, temperature=temperature, num_beams=num_beams,
+                          length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    return blanks_lib.fill_blanks(self._decode, self.tokenizer, text, out_seq_length=out_seq_length,
+                                  min_gen_length=min_gen_length, strategy=strat, seed=seed,
+                                  max_sequence_length=self.max_sequence_length, stream=stream)
+
+  def generate(self, text: str | Sequence[str], *, out_seq_length=256, min_gen_length=0, strategy='BaseStrategy',
+               top_k=0, top_p=0.7, temperature=1.0, num_beams=4, length_penalty=1.0, no_repeat_ngram_size=3,
+               seed=1234, stream: Callable[[str], None] | None = None) -> str | list[str]:
+    """Fill the blanks of a text (str -> str) or of several texts (list -> list, decoded in batches).
+
+    The result is GLM-130B's answer: the whole text with every blank filled (a text without a mask gets [gMASK]
+    appended, so the answer is the prompt plus its continuation). Options: see the module docstring.
+    stream: one text only; a callback receiving the answer in pieces as it is generated.
+    """
+    result = self.fill(text, out_seq_length=out_seq_length, min_gen_length=min_gen_length, strategy=strategy,
+                       top_k=top_k, top_p=top_p, temperature=temperature, num_beams=num_beams,
+                       length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
+                       stream=stream)
+    return result.text if isinstance(result, blanks_lib.FillResult) else [r.text for r in result]
+
+  # -- scoring ---------------------------------------------------------------------------------------------------
+
+  def _score_impl(self, params, tokens, positions, mask, rows, targets):
+    logits = self.model.apply({'params': params}, tokens, positions, mask)  # [1, P, V] float32
+    picked = jnp.take(logits[0], rows, axis=0)  # [R, V]
+    logp = jax.nn.log_softmax(picked.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+
+  def choice_layout(self, context, continuations, *, use_gmask: bool = False) -> layouts.ChoiceLayout:
+    """The §7.2 multiple-choice layout `log_probs` scores (texts are tokenised; lists of ids are used as is)."""
+    ctx = self.tokenizer.encode_with_masks(context) if isinstance(context, str) else [int(t) for t in context]
+    if isinstance(continuations, str):
+      raise TypeError('continuations must be a list of texts (or of id lists), not one str')
+    conts = [self.tokenizer.encode(c) if isinstance(c, str) else [int(t) for t in c] for c in continuations]
+    if not conts:
+      raise ValueError('no continuations to score')
+    return layouts.multiple_choice_layout(ctx, conts, self.special_ids, use_task_mask=use_gmask,
+                                          position_encoding_2d=self.model_config.position_encoding_2d)
+
+  def log_probs(self, context: str | Sequence[int], continuations: Sequence[str | Sequence[int]], *,
+                use_gmask: bool = False) -> list[float]:
+    """Sum of the log-probabilities of each continuation's tokens given the context (glm130b.md §7.2).
+
+    GLM-130B's multiple-choice layout: [MASK] is appended to the context ([gMASK] with use_gmask) unless it already
+    has a [MASK] (that blank is then scored); each continuation is a causal block [<sop>] + c[:-1] that sees the whole
+    (bidirectional) context and no other continuation; all continuations go through one forward. An empty
+    continuation scores <eop>. When every continuation is one token they are all read at one <sop> row. Scores are
+    unnormalised sums (no length normalisation), log_softmax in fp32 over all vocabulary rows (GLM-130B: fp16).
+    The sequence is padded to a length bucket, so contexts of similar length reuse one compiled program.
+    """
+    lay = self.choice_layout(context, continuations, use_gmask=use_gmask)
+    s = int(lay.layout.tokens.shape[0])
+    top = int(np.max(lay.layout.position_ids))
+    if s > self.max_sequence_length or top >= self.max_sequence_length:
+      raise ValueError(f'context and continuations are {s} tokens, longer than the maximum '
+                       f'{self.max_sequence_length}')
+    p = bucket_length(s)
+    tokens = np.zeros((1, p), np.int32)
+    tokens[0, :s] = lay.layout.tokens
+    pos = lay.layout.position_ids
+    positions = np.zeros((1,) + pos.shape[:-1] + (p,), np.int32)
+    positions[0, ..., :s] = pos
+    mask = np.zeros((p, p), bool)
+    mask[:s, :s] = lay.layout.attention_mask
+    mask[np.arange(s, p), np.arange(s, p)] = True  # padding rows see themselves; no real row sees padding
+    rows = np.concatenate(lay.read_rows).astype(np.int32)
+    targets = np.concatenate(lay.choice_targets).astype(np.int32)
+    r = bucket_length(len(rows))
+    rows = np.pad(rows, (0, r - len(rows)))
+    targets = np.pad(targets, (0, r - len(targets)))
+    logp = np.asarray(jax.device_get(self._score(self.params, tokens, positions, mask[None, None], rows, targets)))
+    out, start = [], 0
+    for c in lay.choice_targets:
+      out.append(float(np.sum(logp[start:start + len(c)], dtype=np.float64)))
+      start += len(c)
+    return out

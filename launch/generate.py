@@ -1,0 +1,253 @@
+"""Generate text with a GLM checkpoint: GLM-130B's generate.py (glm130b.md §5), in JAX.
+
+    python launch/generate.py --checkpoint runs/tiny                                   # interactive
+    python launch/generate.py --checkpoint runs/tiny --input-source prompts.txt        # file -> samples/prompts.jsonl
+    python launch/generate.py --checkpoint glm130b-jax --tokenizer ice_text.model \\
+        --sampling-strategy BeamSearchStrategy --num-beams 4 --out-seq-length 128
+
+--checkpoint is a glm-jax (Orbax) checkpoint: a training run's directory (launch/train.py --workdir; its tokenizer
+is <run>/tokenizer.model) or a model checkpoint converted from SAT (launch/convert_sat.py; pass --tokenizer).
+
+A prompt is filled as GLM-130B does (glm_jax/generation/blanks.py): its [MASK] blanks (else [sMASK], else a [gMASK]
+appended at the end, i.e. a continuation) are generated one after another; the answer is the whole text with every
+blank filled.
+
+Interactive mode reads one prompt per line from stdin, prints "Input: ..." (the prompt as the model sees it) and
+"Output: ..." with the answer streamed as it is generated (beam search: printed when done); 'stop' or end of input
+ends the session. A rejected prompt (empty, too long) prints one error line and the session goes on; the exit status
+is then 2.
+
+File mode (--input-source FILE) reads one prompt per line (blank lines are skipped; with --with-id each line is
+"id<TAB>prompt"), checks every prompt before generating, shows a progress bar on stderr, prints each answer, and
+writes <output-path>/<FILE's name without its suffix>.jsonl, one JSON object per prompt, in input order:
+    {"line": 3, "id": "q7", "input": "...", "output": "...", "blanks": ["..."], "beams": ["...", ...]}
+"id" only with --with-id; "beams" (every beam's answer, best first) only with BeamSearchStrategy. The file is written
+through a temporary file and a rename when every prompt is done, so it is never left half written. Every prompt uses
+--seed, so an answer does not depend on the other lines.
+
+Errors (bad flags or values, a missing checkpoint, tokenizer or input file, a bad prompt in the file) print one line
+"generate.py: error: ..." and exit with status 2. Flags are checked before the checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROG = 'generate.py'
+PROMPT = "Please input a prompt ('stop' to exit) >>> "
+
+
+class UsageError(Exception):
+  """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, no usage block
+    self.exit(2, f'{self.prog}: error: {message}\n')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = _Parser(prog=PROG, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+              description='Fill the blanks of prompts with a GLM (GLM-130B generate.py flags). A prompt without '
+              '[MASK]/[sMASK]/[gMASK] gets [gMASK] appended and is continued.')
+  p.add_argument('--checkpoint', required=True,
+                 help='glm-jax (Orbax) checkpoint: a training run directory or a model checkpoint (e.g. converted '
+                 'from SAT).')
+  p.add_argument('--tokenizer', default=None,
+                 help='SentencePiece .model file (default: <checkpoint>/tokenizer.model).')
+  p.add_argument('--input-source', default='interactive',
+                 help="'interactive' (prompts from stdin, answers streamed) or a text file with one prompt per line.")
+  p.add_argument('--output-path', default='samples',
+                 help='File mode: directory receiving <input file name>.jsonl.')
+  p.add_argument('--out-seq-length', type=int, default=256,
+                 help='Maximum length of the whole sequence, the prompt included, for each blank.')
+  p.add_argument('--min-gen-length', type=int, default=0,
+                 help='Minimum number of tokens generated per blank (end tokens are banned until then).')
+  p.add_argument('--sampling-strategy', default='BaseStrategy', choices=['BaseStrategy', 'BeamSearchStrategy'],
+                 help='BaseStrategy: sampling with --temperature/--top_k/--top_p (--top_k 1 is greedy). '
+                 'BeamSearchStrategy: beam search with --num-beams/--length-penalty/--no-repeat-ngram-size.')
+  p.add_argument('--num-beams', type=int, default=4, help='Beam search: number of beams.')
+  p.add_argument('--length-penalty', type=float, default=1.0,
+                 help='Beam search: exponent of the length penalty ((5 + length) / 6) ** length_penalty that '
+                 'divides a finished beam\'s log-probability; larger values favour longer answers.')
+  p.add_argument('--no-repeat-ngram-size', type=int, default=3,
+                 help='Beam search: never repeat an n-gram of this size (0 disables).')
+  p.add_argument('--print-all-beams', action='store_true',
+                 help='Beam search: print every beam\'s answer, not only the best.')
+  p.add_argument('--top_k', type=int, default=0, help='Sampling: keep the k most likely tokens (0 disables).')
+  p.add_argument('--top_p', type=float, default=0.7,
+                 help='Sampling: nucleus sampling, keep the most likely tokens up to this probability mass '
+                 '(0 disables).')
+  p.add_argument('--temperature', type=float, default=1.0, help='Sampling: divides the logits (> 0).')
+  p.add_argument('--seed', type=int, default=1234, help='Random seed; the same seed gives the same answers.')
+  p.add_argument('--with-id', action='store_true', help='File mode: each input line is "id<TAB>prompt".')
+  return p
+
+
+def check_args(args) -> dict:
+  """Validates the generation flags (no model needed); returns the keyword arguments of Generator.fill."""
+  from glm_jax.generation import api
+  options = dict(out_seq_length=args.out_seq_length, min_gen_length=args.min_gen_length, seed=args.seed,
+                 strategy=args.sampling_strategy, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                 num_beams=args.num_beams, length_penalty=args.length_penalty,
+                 no_repeat_ngram_size=args.no_repeat_ngram_size)
+  try:
+    api.check_options(**options)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  return options
+
+
+def read_prompts(path: Path, with_id: bool) -> list[dict]:
+  """The non-blank lines of the input file as records {'line', 'id'?, 'input'}."""
+  if not path.is_file():
+    raise UsageError(f'--input-source {path}: no such file (or use --input-source interactive)')
+  try:
+    lines = path.read_text(encoding='utf-8').splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise UsageError(f'--input-source {path}: cannot read ({e})') from None
+  records = []
+  for n, line in enumerate(lines, 1):
+    text = line.strip()
+    if not text:
+      continue
+    record = {'line': n}
+    if with_id:
+      qid, tab, rest = line.partition('\t')
+      if not tab or not qid.strip():
+        raise UsageError(f'{path} line {n}: expected "id<TAB>prompt" (--with-id)')
+      record['id'] = qid.strip()
+      text = rest.strip()
+      if not text:
+        raise UsageError(f'{path} line {n}: empty prompt')
+    record['input'] = text
+    records.append(record)
+  if not records:
+    raise UsageError(f'{path}: no prompts (every line is blank)')
+  return records
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+  try:
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
+
+
+def _one_line(e: BaseException) -> str:
+  return ' '.join(str(e).split()) or type(e).__name__
+
+
+def run_file(gen, records, options, args) -> int:
+  from tqdm import tqdm
+  from glm_jax.generation import blanks
+  source = Path(args.input_source)
+  out_path = Path(args.output_path) / (source.stem + '.jsonl')
+  is_beam = options['strategy'] == 'BeamSearchStrategy'
+  lines = []
+  with tqdm(total=len(records), desc='generating', unit='prompt', file=sys.stderr, dynamic_ncols=True) as bar:
+    for record in records:
+      result = gen.fill(record['input'], **options)
+      assert isinstance(result, blanks.FillResult)
+      row = dict(record, output=result.text, blanks=result.blanks)
+      if is_beam:
+        row['beams'] = result.beams
+      lines.append(json.dumps(row, ensure_ascii=False))
+      tag = record.get('id', f'line {record["line"]}')
+      if args.print_all_beams and len(result.beams) > 1:
+        for k, beam in enumerate(result.beams):
+          bar.write(f'[{tag}] beam {k}: {beam}', file=sys.stdout)
+      else:
+        bar.write(f'[{tag}] {result.text}', file=sys.stdout)
+      bar.update(1)
+  _atomic_write_text(out_path, '\n'.join(lines) + '\n')
+  print(f'wrote {len(lines)} answers to {out_path}', file=sys.stderr)
+  return 0
+
+
+def run_interactive(gen, options, args) -> int:
+  from glm_jax.generation import blanks
+  failures = 0
+  is_beam = options['strategy'] == 'BeamSearchStrategy'
+
+  def write(piece):
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+  while True:
+    try:
+      line = input(PROMPT)
+    except EOFError:
+      print()
+      break
+    text = line.strip()
+    if text == 'stop':
+      break
+    try:
+      prompt = blanks.prepare_prompt(gen.tokenizer, text, out_seq_length=options['out_seq_length'],
+                                     max_sequence_length=gen.max_sequence_length)
+    except ValueError as e:
+      print(f'{PROG}: error: {_one_line(e)}', file=sys.stderr, flush=True)
+      failures += 1
+      continue
+    print(f'\nInput: {prompt.input_text}', flush=True)
+    if is_beam and args.print_all_beams:
+      for k, beam in enumerate(gen.fill(text, **options).beams):
+        print(f'Output beam {k}: {beam}', flush=True)
+    else:
+      write('Output: ')
+      gen.fill(text, **options, stream=write)
+      write('\n')
+  return 2 if failures else 0
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    options = check_args(args)
+    records = None
+    if args.input_source != 'interactive':
+      records = read_prompts(Path(args.input_source), args.with_id)
+      out_dir = Path(args.output_path)
+      if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f'--output-path {out_dir} exists and is not a directory')
+    from glm_jax.generation import api, blanks
+    tokenizer, config = api.load_tokenizer_and_config(args.checkpoint, args.tokenizer)
+    if records is not None:  # every prompt is checked before anything is loaded or generated
+      for record in records:
+        try:
+          blanks.prepare_prompt(tokenizer, record['input'], out_seq_length=args.out_seq_length,
+                                max_sequence_length=int(config.model.max_sequence_length))
+        except ValueError as e:
+          raise UsageError(f'{args.input_source} line {record["line"]}: {e}') from None
+    gen = api.Generator.load(args.checkpoint, tokenizer)
+    if records is not None:
+      return run_file(gen, records, options, args)
+    return run_interactive(gen, options, args)
+  except (UsageError, ValueError, OSError) as e:
+    print(f'{PROG}: error: {_one_line(e)}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(file=sys.stderr)
+    return 130
+
+
+if __name__ == '__main__':
+  sys.exit(main())
