@@ -54,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = _Parser(prog=PROG, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  p = _Parser(prog=PROG, allow_abbrev=False,
               description='Fill the blanks of prompts with a GLM (GLM-130B generate.py flags). A prompt without '
               '[MASK]/[sMASK]/[gMASK] gets [gMASK] appended and is continued.')
   p.add_argument('--checkpoint', required=True,
@@ -63,30 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--tokenizer', default=None,
                  help='SentencePiece .model file (default: <checkpoint>/tokenizer.model).')
   p.add_argument('--input-source', default='interactive',
-                 help="'interactive' (prompts from stdin, answers streamed) or a text file with one prompt per line.")
+                 help="'interactive' (prompts from stdin, answers streamed) or a text file with one prompt per "
+                 'line (default: %(default)s).')
   p.add_argument('--output-path', default='samples',
-                 help='File mode: directory receiving <input file name>.jsonl.')
+                 help='File mode: directory receiving <input file name>.jsonl (default: %(default)s).')
   p.add_argument('--out-seq-length', type=int, default=256,
-                 help='Maximum length of the whole sequence, the prompt included, for each blank.')
+                 help='Maximum length of the whole sequence, the prompt included, for each blank '
+                 '(default: %(default)s).')
   p.add_argument('--min-gen-length', type=int, default=0,
-                 help='Minimum number of tokens generated per blank (end tokens are banned until then).')
+                 help='Minimum number of tokens generated per blank (end tokens are banned until then) '
+                 '(default: %(default)s).')
   p.add_argument('--sampling-strategy', default='BaseStrategy', choices=['BaseStrategy', 'BeamSearchStrategy'],
                  help='BaseStrategy: sampling with --temperature/--top_k/--top_p (--top_k 1 is greedy). '
-                 'BeamSearchStrategy: beam search with --num-beams/--length-penalty/--no-repeat-ngram-size.')
-  p.add_argument('--num-beams', type=int, default=4, help='Beam search: number of beams.')
+                 'BeamSearchStrategy: beam search with --num-beams/--length-penalty/--no-repeat-ngram-size '
+                 '(default: %(default)s).')
+  p.add_argument('--num-beams', type=int, default=4, help='Beam search: number of beams (default: %(default)s).')
   p.add_argument('--length-penalty', type=float, default=1.0,
                  help='Beam search: exponent of the length penalty ((5 + length) / 6) ** length_penalty that '
-                 'divides a finished beam\'s log-probability; larger values favour longer answers.')
+                 "divides a finished beam's log-probability; larger values favour longer answers "
+                 '(default: %(default)s).')
   p.add_argument('--no-repeat-ngram-size', type=int, default=3,
-                 help='Beam search: never repeat an n-gram of this size (0 disables).')
+                 help='Beam search: never repeat an n-gram of this size, 0 disables (default: %(default)s).')
   p.add_argument('--print-all-beams', action='store_true',
-                 help='Beam search: print every beam\'s answer, not only the best.')
-  p.add_argument('--top_k', type=int, default=0, help='Sampling: keep the k most likely tokens (0 disables).')
+                 help="Beam search: print every beam's answer, not only the best.")
+  p.add_argument('--top_k', type=int, default=0,
+                 help='Sampling: keep the k most likely tokens, 0 disables (default: %(default)s).')
   p.add_argument('--top_p', type=float, default=0.7,
-                 help='Sampling: nucleus sampling, keep the most likely tokens up to this probability mass '
-                 '(0 disables).')
-  p.add_argument('--temperature', type=float, default=1.0, help='Sampling: divides the logits (> 0).')
-  p.add_argument('--seed', type=int, default=1234, help='Random seed; the same seed gives the same answers.')
+                 help='Sampling: nucleus sampling, keep the most likely tokens up to this probability mass, '
+                 '0 disables (default: %(default)s).')
+  p.add_argument('--temperature', type=float, default=1.0,
+                 help='Sampling: divides the logits, > 0 (default: %(default)s).')
+  p.add_argument('--seed', type=int, default=1234,
+                 help='Random seed; the same seed gives the same answers (default: %(default)s).')
   p.add_argument('--with-id', action='store_true', help='File mode: each input line is "id<TAB>prompt".')
   return p
 
@@ -138,6 +146,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       f.write(text)
       f.flush()
@@ -157,7 +168,6 @@ def _one_line(e: BaseException) -> str:
 
 def run_file(gen, records, options, args) -> int:
   from tqdm import tqdm
-  from glm_jax.generation import blanks
   source = Path(args.input_source)
   out_path = Path(args.output_path) / (source.stem + '.jsonl')
   is_beam = options['strategy'] == 'BeamSearchStrategy'
@@ -165,7 +175,6 @@ def run_file(gen, records, options, args) -> int:
   with tqdm(total=len(records), desc='generating', unit='prompt', file=sys.stderr, dynamic_ncols=True) as bar:
     for record in records:
       result = gen.fill(record['input'], **options)
-      assert isinstance(result, blanks.FillResult)
       row = dict(record, output=result.text, blanks=result.blanks)
       if is_beam:
         row['beams'] = result.beams
@@ -237,6 +246,7 @@ def main(argv=None) -> int:
                                 max_sequence_length=int(config.model.max_sequence_length))
         except ValueError as e:
           raise UsageError(f'{args.input_source} line {record["line"]}: {e}') from None
+      Path(args.output_path).mkdir(parents=True, exist_ok=True)  # fail now, not after generating everything
     gen = api.Generator.load(args.checkpoint, tokenizer)
     if records is not None:
       return run_file(gen, records, options, args)

@@ -25,8 +25,9 @@ settings compiles a new program) and the scorer of `log_probs` (keyed by length 
 Streaming (`stream=callback`, one prompt): the callback receives the answer's text in pieces, in order: the text
 before the blank at once, then the blank as its tokens are generated, then the rest; ''.join(pieces) is the answer.
 With BaseStrategy this is genuine streaming: the decode loop reports every token to the host from inside the compiled
-loop (`jax.debug.callback`), the same program otherwise, so the tokens equal those of a call without streaming. With
-beam search the text comes at the end of each blank (the best beam is known only then).
+loop (`jax.debug.callback`; a second compiled program that differs from the plain one only by that callback, so the
+tokens equal those of a call without streaming). With beam search the text comes at the end of each blank (the best
+beam is known only then).
 
 Not thread-safe: one call at a time per Generator.
 """
@@ -50,8 +51,6 @@ from glm_jax.model import GLM, GLMConfig
 from glm_jax.tokenizer import GLMTokenizer
 
 STRATEGIES = ('BaseStrategy', 'BeamSearchStrategy')
-DEFAULTS = dict(out_seq_length=256, min_gen_length=0, strategy='BaseStrategy', top_k=0, top_p=0.7, temperature=1.0,
-                num_beams=4, length_penalty=1.0, no_repeat_ngram_size=3, seed=1234)
 
 
 def _is_int(x) -> bool:

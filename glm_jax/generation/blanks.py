@@ -196,7 +196,8 @@ def fill_blanks(decoder_fn, tokenizer, text: str | Sequence[str], *, out_seq_len
                 stream: Callable[[str], None] | None = None) -> FillResult | list[FillResult]:
   """Fill every blank of one text (returns a FillResult) or of a list of texts (returns a list); see the module
   docstring. strategy: a decode.SamplingConfig or a beam_search.BeamSearchConfig. stream: for one text only, a
-  callback receiving the answer's text in pieces as tokens are generated (with beam search: once, at the end)."""
+  callback receiving the answer's text in pieces as tokens are generated (with beam search: at the end of each
+  blank)."""
   out_seq_length = _check_int('--out-seq-length', out_seq_length, 2)
   min_gen_length = _check_int('--min-gen-length', min_gen_length, 0)
   seed = _check_int('--seed', seed, 0)
@@ -244,7 +245,9 @@ def fill_blanks(decoder_fn, tokenizer, text: str | Sequence[str], *, out_seq_len
       kwargs = dict(max_gen_length=g_max, strategy=strategy, end_tokens=end_tokens, min_gen_length=min_gen_length,
                     seed=round_seed(seed, round_index))
       if streamer is not None and not is_beam:
-        kwargs['on_tokens'] = _stream_listener(streamer, seqs[group[0]][:mask_pos[group[0]]], end_tokens)
+        prefix = seqs[group[0]][:mask_pos[group[0]]]
+        streamer.update(prefix)  # the text before the blank, at once
+        kwargs['on_tokens'] = _stream_listener(streamer, prefix, end_tokens)
       out = decoder_fn([seqs[i] + [sid.sop] for i in group], [mask_pos[i] for i in group],
                        [prompts[i].use_gmask for i in group], **kwargs)
       for j, i in enumerate(group):
@@ -258,7 +261,7 @@ def fill_blanks(decoder_fn, tokenizer, text: str | Sequence[str], *, out_seq_len
       blank_ids[i].append(beams[0])
       beam_ids[i] = [layouts.splice_blank(seqs[i], mask_pos[i], b) for b in beams]
       seqs[i] = beam_ids[i][0]  # only beam 0 continues
-      if streamer is not None and not is_beam:
+      if streamer is not None:  # the text up to the end of this blank is final now
         streamer.update(seqs[i][:mask_pos[i] + len(beams[0])])
     round_index += 1
 
