@@ -160,6 +160,22 @@ def set_threads(args):
   return notes
 
 
+def code_state(glm_jax_dir):
+  """Where glm_jax comes from: the repository's commit and its uncommitted changes under glm_jax/, or the path."""
+  import subprocess
+  if os.path.realpath(glm_jax_dir) != os.path.realpath(os.path.join(REPO, 'glm_jax')):
+    return f'{glm_jax_dir} (not the repository\'s)'
+  try:
+    rev = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dirty = subprocess.run(['git', '-C', REPO, 'status', '--porcelain', '--', 'glm_jax'], capture_output=True,
+                           text=True, check=True).stdout.split('\n')
+    dirty = [line[3:] for line in dirty if line.strip()]
+    return f'{glm_jax_dir} (commit {rev}' + (f', uncommitted changes: {", ".join(dirty)})' if dirty else ', clean)')
+  except (OSError, subprocess.CalledProcessError):
+    return glm_jax_dir
+
+
 def timed(fn):
   """(result, wall seconds, process CPU seconds) of one call."""
   c0, w0 = time.process_time(), time.perf_counter()
@@ -332,8 +348,8 @@ def main(argv=None):
   la = os.getloadavg()
   print(f'load average at start: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} ({os.cpu_count()} cores on the machine)')
   print(f'jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, numpy {np.__version__}; '
-        f'torch threads {torch.get_num_threads()}/{torch.get_num_interop_threads()}; glm_jax from '
-        f'{os.path.dirname(os.path.abspath(glm_jax.__file__))}')
+        f'torch threads {torch.get_num_threads()}/{torch.get_num_interop_threads()}')
+  print(f'glm_jax from {code_state(os.path.dirname(os.path.abspath(glm_jax.__file__)))}')
   print('threads:')
   for n in notes:
     print('  - ' + n)

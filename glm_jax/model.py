@@ -53,7 +53,6 @@ class GLMConfig:
   embedding_dropout: float = 0.0
   init_std: float = 0.0
   remat_policy: str = 'none'
-  scan_layers: bool = False
 
   @classmethod
   def make(cls, config: Any) -> 'GLMConfig':
@@ -162,7 +161,7 @@ def layer_norm(x, scale, bias, eps):
 def gelu(x):
   """Exact GELU as torch computes it, x/2 * (1 + erf(x/sqrt2)): XLA's erf is one rational polynomial, where
   jax.nn.gelu's erfc form costs two polynomials, an exp and two divides per element (4x slower on CPU)."""
-  return x * 0.5 * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
+  return x * 0.5 * (1.0 + jax.lax.erf(x * np.float32(1 / math.sqrt(2)).astype(x.dtype)))
 
 
 class LayerNorm(nn.Module):
@@ -225,14 +224,18 @@ class Attention(nn.Module):
     # Query-key layer scaling: divide q by sqrt(H)*c in the compute dtype, multiply the scores by c in fp32.
     c = (layer_id + 1).astype(jnp.float32)
     q_BxSxNxH = q_BxSxNxH / (math.sqrt(h) * c).astype(q_BxSxNxH.dtype)
-    scores_BxNxSxT = jnp.einsum('bsnh,btnh->bnst', q_BxSxNxH, k_BxTxNxH,
+    # Head-major for the two batched matmuls, so that each is a plain [S, H] x [H, T] / [S, T] x [T, H] product per
+    # (b, n); XLA fuses these transposes into the ops that produce q, k and v.
+    q_BxNxSxH, k_BxNxTxH, v_BxNxTxH = (jnp.swapaxes(t, 1, 2) for t in (q_BxSxNxH, k_BxTxNxH, v_BxTxNxH))
+    scores_BxNxSxT = jnp.einsum('bnsh,bnth->bnst', q_BxNxSxH, k_BxNxTxH,
                                 preferred_element_type=jnp.float32).astype(q_BxSxNxH.dtype)
     scores_BxNxSxT = scores_BxNxSxT.astype(jnp.float32) * c
     scores_BxNxSxT = jnp.where(mask_Bx1xSxT, scores_BxNxSxT, MASKED_SCORE * c)
     probs_BxNxSxT = jax.nn.softmax(scores_BxNxSxT, axis=-1).astype(q_BxSxNxH.dtype)
     probs_BxNxSxT = nn.Dropout(cfg.attention_dropout)(probs_BxNxSxT, deterministic=self.deterministic)
-    ctx_BxSxNxH = jnp.einsum('bnst,btnh->bsnh', probs_BxNxSxT, v_BxTxNxH,
+    ctx_BxNxSxH = jnp.einsum('bnst,bnth->bnsh', probs_BxNxSxT, v_BxNxTxH,
                              preferred_element_type=jnp.float32).astype(q_BxSxNxH.dtype)
+    ctx_BxSxNxH = jnp.swapaxes(ctx_BxNxSxH, 1, 2)
     ctx_BxSxNxH = _constrain(ctx_BxSxNxH, ('batch', 'length', 'act_heads', None))
     out_BxSxD = linear('bsnh,nhd->bsd', ctx_BxSxNxH, out_kernel, out_bias, fused_bias=False)
     out_BxSxD = nn.Dropout(cfg.hidden_dropout)(out_BxSxD, deterministic=self.deterministic)
@@ -323,7 +326,7 @@ class GLM(nn.Module):
     block = Block
     if cfg.remat_policy != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    if cfg.scan_layers or self.is_initializing():
+    if self.is_initializing():
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
@@ -331,15 +334,14 @@ class GLM(nn.Module):
           x_BxSxD, (layer_ids, cache_kv), rope_parts, attention_mask, cache_index)
     else:
       stacked = nn.meta.unbox(self.variables['params']['layers'])
-      use_rng = not deterministic and self.has_rng('dropout')
-      rng = self.make_rng('dropout') if use_rng else None
       new_k, new_v = [], []
       for i in range(cfg.num_layers):
-        params_i = jax.tree.map(lambda w: w[i], stacked)
+        dep = (x_BxSxD[0, 0, 0] > jnp.inf).astype(jnp.int32)
+        params_i = jax.tree_util.tree_map_with_path(
+            lambda p, w: jax.lax.dynamic_index_in_dim(w, i + dep, keepdims=False) if 'kernel' in jax.tree_util.keystr(p) else w[i], stacked)
         cache_i = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
         x_BxSxD, nc = block(cfg, deterministic, parent=None).apply(
-            {'params': params_i}, x_BxSxD, (layer_ids[i], cache_i), rope_parts, attention_mask, cache_index,
-            rngs={'dropout': jax.random.fold_in(rng, i)} if use_rng else None)
+            {'params': params_i}, x_BxSxD, (layer_ids[i], cache_i), rope_parts, attention_mask, cache_index)
         if nc is not None:
           new_k.append(nc[0]); new_v.append(nc[1])
       new_cache_kv = None if cache_kv is None else (jnp.stack(new_k), jnp.stack(new_v))
