@@ -149,6 +149,12 @@ def _constrain(x, axes):
 # Building blocks
 
 
+def gelu(x):
+  """Exact GELU as torch computes it, x/2 * (1 + erf(x/sqrt2)): XLA's erf is one rational polynomial, where
+  jax.nn.gelu's erfc form costs two polynomials, an exp and two divides per element (4x slower on CPU)."""
+  return x * 0.5 * (1.0 + jax.lax.erf(x * np.float32(1 / math.sqrt(2)).astype(x.dtype)))
+
+
 def layer_norm(x, scale, bias, eps):
   """Statistics and normalisation in fp32 whatever x's dtype; the result in x's dtype."""
   x32 = x.astype(jnp.float32)
@@ -156,12 +162,6 @@ def layer_norm(x, scale, bias, eps):
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)
   y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
   return y.astype(x.dtype)
-
-
-def gelu(x):
-  """Exact GELU as torch computes it, x/2 * (1 + erf(x/sqrt2)): XLA's erf is one rational polynomial, where
-  jax.nn.gelu's erfc form costs two polynomials, an exp and two divides per element (4x slower on CPU)."""
-  return x * 0.5 * (1.0 + jax.lax.erf(x * np.float32(1 / math.sqrt(2)).astype(x.dtype)))
 
 
 class LayerNorm(nn.Module):
@@ -326,25 +326,11 @@ class GLM(nn.Module):
     block = Block
     if cfg.remat_policy != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    if self.is_initializing():
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxSxD, new_cache_kv = stack(cfg, deterministic, name='layers')(
-          x_BxSxD, (layer_ids, cache_kv), rope_parts, attention_mask, cache_index)
-    else:
-      stacked = nn.meta.unbox(self.variables['params']['layers'])
-      new_k, new_v = [], []
-      for i in range(cfg.num_layers):
-        dep = (x_BxSxD[0, 0, 0] > jnp.inf).astype(jnp.int32)
-        params_i = jax.tree_util.tree_map_with_path(
-            lambda p, w: jax.lax.dynamic_index_in_dim(w, i + dep, keepdims=False) if 'kernel' in jax.tree_util.keystr(p) else w[i], stacked)
-        cache_i = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
-        x_BxSxD, nc = block(cfg, deterministic, parent=None).apply(
-            {'params': params_i}, x_BxSxD, (layer_ids[i], cache_i), rope_parts, attention_mask, cache_index)
-        if nc is not None:
-          new_k.append(nc[0]); new_v.append(nc[1])
-      new_cache_kv = None if cache_kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+    stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+    x_BxSxD, new_cache_kv = stack(cfg, deterministic, name='layers')(
+        x_BxSxD, (layer_ids, cache_kv), rope_parts, attention_mask, cache_index)
 
     if logits_index is not None:
       x_BxSxD = jnp.take_along_axis(x_BxSxD, logits_index[:, None, None], axis=1)
