@@ -51,7 +51,7 @@ def main(argv):
   workdir = Path(_WORKDIR.value or Path('runs') / config_name)
   try:
     return _train(config, workdir)
-  except (ValueError, FileNotFoundError, TypeError) as e:
+  except (ValueError, FileNotFoundError) as e:
     print(f'train.py: error: {e}', file=sys.stderr)
     return 2
 
