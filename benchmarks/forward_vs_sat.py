@@ -11,7 +11,8 @@ What it does, in one process:
      set_num_interop_threads(1), torch.no_grad(); OMP/OpenBLAS/MKL_NUM_THREADS=1 for numpy;
   2. builds SAT's GLM130B at configs/small.py with random weights (std 0.02, tests/sat_reference.py), converts its
      state dict with glm_jax.sat_convert.from_sat_state_dict, and checks max|dlogits| <= 1e-4 max|ref| at every
-     size before timing (exit 1 otherwise): both sides compute the same function with the same weights;
+     size before timing (exit 1 otherwise): both sides compute the same function with the same weights. glm-jax runs
+     per-layer weights as inference does (config.model.scan_layers=False); --scan-layers times the scanned stack;
   3. times each size after a jit warm-up: rounds of (JAX forward, SAT forward, square fp32 matmul in jax / torch /
      numpy), the order of JAX and SAT alternating between rounds, so that all of them share the machine's noise;
   4. reports median times, JAX/SAT (ratio of medians, and the median of the per-round ratios), and the achieved
@@ -27,6 +28,7 @@ The machine is shared: read the ratios, not the absolute times. Exit status 0 un
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -53,6 +55,9 @@ def parse_args(argv=None):
                  help='side of the square fp32 matmul that measures peak FLOP/s (default: %(default)s)')
   p.add_argument('--config', default='small', help='config module under configs/ (default: %(default)s)')
   p.add_argument('--seed', type=int, default=0, help='seed of the random weights and tokens')
+  p.add_argument('--scan-layers', action='store_true',
+                 help="run glm-jax's scanned layer stack (the training and checkpoint layout, config.model.scan_layers="
+                      'True) instead of per-layer weights (scan_layers=False, the inference layout; the default)')
   p.add_argument('--profile', action='store_true',
                  help='after timing, trace one JAX forward per size (jax.profiler) and print the ops that take longest')
   args = p.parse_args(argv)
@@ -165,7 +170,8 @@ def main(argv=None):
 
   sys.path.insert(0, REPO)
   import importlib
-  from glm_jax import GLM, from_sat_state_dict
+  from glm_jax import GLM, GLMConfig, from_sat_state_dict
+  from glm_jax.model import unstack_layers
   from glm_jax.model import GLMConfig
   from tests import sat_reference as R
 
@@ -191,8 +197,13 @@ def main(argv=None):
                                   max_sequence_length=cfg.max_sequence_length,
                                   position_encoding_2d=cfg.position_encoding_2d,
                                   layernorm_epsilon=cfg.layernorm_epsilon, seed=args.seed, init_std=0.02)
-  params = jax.tree.map(jnp.asarray, from_sat_state_dict(R.state_dict_numpy(sat_model), config.model))
-  model = GLM(config.model)
+  # Inference runs per-layer weights by default (no copy of each layer's weights out of a stacked array per call).
+  params = from_sat_state_dict(R.state_dict_numpy(sat_model), config.model)
+  if not args.scan_layers:
+    params = unstack_layers(params)
+  params = jax.tree.map(jnp.asarray, params)
+  model = GLM(dataclasses.replace(GLMConfig.make(config.model), scan_layers=args.scan_layers))
+  print(f'glm-jax layers: {"scanned (stacked weights)" if args.scan_layers else "per-layer weights (scan_layers=False)"}')
   forward = jax.jit(lambda p, t, q, m: model.apply({'params': p}, t, q, m))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f'config {args.config}: L={cfg.num_layers} D={cfg.hidden_size} N={cfg.num_attention_heads} '

@@ -46,6 +46,15 @@ def model_defaults() -> ml_collections.ConfigDict:
   # Rematerialisation of each transformer block in the backward pass: 'none' (keep all activations),
   # 'full' (recompute the whole block, as GLM-130B's checkpoint_activations), or 'dots' (keep matmul outputs).
   m.remat_policy = 'none'
+  # --- layout of the layers ---------------------------------------------------------------------------------------
+  # True: one scanned block with every layer parameter stacked along a leading 'layers' axis (params['layers']):
+  # one compiled layer whatever num_layers, the layout of training and of checkpoints. False: L separate blocks
+  # params['layers_0'] ... (glm_jax.model.unstack_layers converts), no per-layer weight copy out of the stack:
+  # faster inference, longer compiles. Decoding always runs unstacked (glm_jax/generation/decode.py).
+  m.scan_layers = True
+  # Storage of the four layer kernels: 'in_out' ([in..., out...], the checkpoint layout) or 'out_in' ([out..., in...],
+  # glm_jax.model.to_out_in_kernels converts), whose vector-matrix products stream faster on CPU; decoding uses it.
+  m.kernel_layout = 'in_out'
   return m
 
 

@@ -8,7 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glm_jax import GLM, count_params, init_cache, init_params
+import dataclasses
+
+from glm_jax import GLM, GLMConfig, count_params, init_cache, init_params
+from glm_jax.model import stack_layers, to_out_in_kernels, unstack_layers
 from tests.conftest import REPO, load_config
 
 
@@ -97,17 +100,59 @@ def test_mask_must_be_bool(small_model):
                 jnp.ones((1, 1, 4, 4), jnp.float32))
 
 
-def test_cache_prefill_then_steps_equal_full_forward(small_model):
+LAYOUTS = [(True, 'in_out'), (False, 'in_out'), (True, 'out_in'), (False, 'out_in')]
+
+
+def _variant(config, params, scan_layers, kernel_layout):
+  """The same weights for a model with another layer / kernel layout."""
+  cfg = dataclasses.replace(GLMConfig.make(config.model), scan_layers=scan_layers, kernel_layout=kernel_layout)
+  if kernel_layout == 'out_in':
+    params = to_out_in_kernels(params)
+  if not scan_layers:
+    params = unstack_layers(params)
+  return GLM(cfg), cfg, params
+
+
+@pytest.mark.parametrize('scan_layers,kernel_layout', LAYOUTS[1:])
+def test_layer_and_kernel_layouts_compute_the_same_function(small_model, scan_layers, kernel_layout):
   config, model, params = small_model
+  s = 10
+  tokens = (jnp.arange(2 * s, dtype=jnp.int32).reshape(2, s) * 7) % 256
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s))
+  mask = jnp.tril(jnp.ones((s, s), bool))[None, None]
+  ref = np.asarray(model.apply({'params': params}, tokens, pos, mask))
+  other, cfg, other_params = _variant(config, params, scan_layers, kernel_layout)
+  # The converted tree is exactly what the variant itself creates: same names, shapes and dtypes.
+  created = jax.eval_shape(lambda: init_params(other, cfg, jax.random.key(0)))
+  assert jax.tree.structure(created) == jax.tree.structure(other_params)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), created) == jax.tree.map(lambda a: (a.shape, a.dtype), other_params)
+  np.testing.assert_allclose(other.apply({'params': other_params}, tokens, pos, mask), ref, atol=1e-5, rtol=0)
+  if not scan_layers:
+    restored = stack_layers(unstack_layers(params))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), restored, params))
+    # Dropout still draws a fresh mask per layer and per call (each unscanned block has its own rng stream).
+    train = [np.asarray(other.apply({'params': other_params}, tokens, pos, mask, deterministic=False,
+                                    rngs={'dropout': jax.random.key(k)})) for k in (1, 1, 2)]
+    np.testing.assert_array_equal(train[0], train[1])
+    assert np.abs(train[0] - train[2]).max() > 1e-3 and np.abs(train[0] - ref).max() > 1e-3
+
+
+@pytest.mark.parametrize('scan_layers,kernel_layout', LAYOUTS)
+def test_cache_prefill_then_steps_equal_full_forward(small_model, scan_layers, kernel_layout):
+  config, base_model, base_params = small_model
+  model, cfg, params = _variant(config, base_params, scan_layers, kernel_layout)
   b, c, total, t_max = 2, 5, 9, 16
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (b, total)).astype(np.int32)
   pos = np.broadcast_to(np.arange(total, dtype=np.int32), (b, total))
   may = np.tril(np.ones((total, total), bool))
   may[:, :c] = True
-  full = np.asarray(model.apply({'params': params}, tokens, pos, may[None, None]))
-  cache = init_cache(config.model, b, t_max)
-  assert cache['k'].shape == (2, b, t_max, 4, 32)
+  full = np.asarray(base_model.apply({'params': base_params}, tokens, pos, may[None, None]))
+  cache = init_cache(cfg, b, t_max)
+  if scan_layers:
+    assert cache['k'].shape == (2, b * 4, t_max, 32)  # [L, B*N, T, H]
+  else:
+    assert len(cache['k']) == 2 and cache['k'][0].shape == (b * 4, t_max, 32)
   m = np.zeros((1, 1, total, t_max), bool)
   m[..., :total] = may
   logits, cache = model.apply({'params': params}, tokens[:, :c], pos[:, :c], m[..., :c, :], cache=cache,

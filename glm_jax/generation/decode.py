@@ -20,6 +20,9 @@ Buckets (`length_buckets`): powers of two from 16 up to 64, then multiples of 64
 the longest context, G = the smallest that holds max_gen_length (or the caller's own bucket list). Prompts whose
 lengths and max_gen_length fall in the same buckets reuse one compiled program.
 
+Weights: `generate` takes params in the checkpoint layout and runs a copy in the decoder's own layout (per-layer arrays,
+output-major kernels: `Decoder.decode_params`), made once per params object and kept for the last one seen.
+
 Compile cache: one `jax.jit` per Decoder; its cache key is (params shapes, batch B, P, G, strategy, debug); all the
 rest (tokens, positions, masks, context lengths, max_gen_length, min_gen_length, end tokens, forced tokens, seed) is
 traced data. `Decoder.trace_counts` counts traces per (B, P, T = P + G, strategy, debug) key.
@@ -28,8 +31,8 @@ Strategies:
 - `SamplingConfig` (greedy or temperature / top-k / top-p sampling, glm130b.md §5.3): after a row emits an end token
   it is done and its later tokens are -1 (as G130's BaseStrategy); the loop stops when every row is done or
   max_gen_length tokens were generated. End tokens are banned until min_gen_length tokens exist.
-- `BeamSearchConfig` (glm_jax/generation/beam_search.py, §5.4): the prefilled cache [L, B, T, N, H] is repeated to
-  [L, B*K, T, N, H] (row b*K + k is beam k of prompt b); after every `beam_step` the cache rows are gathered by the
+- `BeamSearchConfig` (glm_jax/generation/beam_search.py, §5.4): the prefilled cache's B rows are repeated to B*K
+  (row b*K + k is beam k of prompt b); after every `beam_step` the cache rows are gathered by the
   step's parent indices (flat row b*K + parent[b, k]), so each beam's cache always holds its own history.
 
 Randomness: the step-i key is `fold_in(PRNGKey(seed), i)`; the same seed, prompts and batch give the same tokens.
@@ -48,7 +51,7 @@ import numpy as np
 from glm_jax import layouts
 from glm_jax.generation import beam_search as beam_lib
 from glm_jax.generation import sampling as sampling_lib
-from glm_jax.model import GLMConfig, init_cache
+from glm_jax.model import GLM, GLMConfig, init_cache, take_cache_rows, to_out_in_kernels, unstack_layers
 
 # ------------------------------------------------------------------------------------------------------------------
 # Strategy configs and buckets
@@ -186,10 +189,22 @@ class Decoder:
   def __init__(self, model, config_model):
     self.model = model
     self.cfg = GLMConfig.make(config_model)
+    # Decoding runs its own layout of the same weights (`decode_params`): per-layer arrays instead of a stacked one (no
+    # per-layer copy out of the stack at every step; each layer's cache updated in place) and output-major kernels.
+    self._decode_model = GLM(dataclasses.replace(self.cfg, scan_layers=False, kernel_layout='out_in'))
+    self._to_decode_layout = jax.jit(lambda p: to_out_in_kernels(unstack_layers(p)))
+    self._last_params = self._last_decode_params = None
     self.trace_counts: collections.Counter = collections.Counter()
     self._run = jax.jit(self._program, static_argnames=('strategy', 'gen_bucket', 'debug'))
 
   # -- public ------------------------------------------------------------------------------------------------------
+
+  def decode_params(self, params):
+    """`params` (the checkpoint layout) in the decoder's layout. The conversion copies the weights once; the result
+    for the last `params` object seen is kept, so repeated calls with the same params pay it once."""
+    if params is not self._last_params:
+      self._last_params, self._last_decode_params = params, self._to_decode_layout(params)
+    return self._last_decode_params
 
   def generate(self, params, contexts: Sequence[Sequence[int]], mask_positions: Sequence[int],
                use_gmask: Sequence[bool] | bool, *, max_gen_length: int, strategy=GREEDY,
@@ -259,7 +274,7 @@ class Decoder:
         last = [int(x) for x in seq[-m:]]
         tail[i, m - len(last):] = last
       inputs['context_tail'] = tail
-    out = self._run(params, inputs, strategy=strategy, gen_bucket=g, debug=return_debug)
+    out = self._run(self.decode_params(params), inputs, strategy=strategy, gen_bucket=g, debug=return_debug)
     out = jax.device_get(out)
     debug = None
     if return_debug:
@@ -284,8 +299,8 @@ class Decoder:
   # -- the compiled program ----------------------------------------------------------------------------------------
 
   def _forward(self, params, tokens, positions, mask, cache, index, logits_index=None):
-    return self.model.apply({'params': params}, tokens, positions, mask, cache=cache, cache_index=index,
-                            logits_index=logits_index)
+    return self._decode_model.apply({'params': params}, tokens, positions, mask, cache=cache, cache_index=index,
+                                    logits_index=logits_index)
 
   def _program(self, params, inputs, *, strategy, gen_bucket, debug):
     cfg = self.cfg
@@ -294,9 +309,10 @@ class Decoder:
     t = p + g
     self.trace_counts[(b, p, t, strategy, debug)] += 1
 
-    # Prefill: the padded contexts into columns [0, P) of a fresh [L, B, T, N, H] cache.
+    # Prefill: the padded contexts into columns [0, P) of a fresh cache (per layer [B*N, T, H]).
     mask = jnp.pad(inputs['prefill_mask'], ((0, 0), (0, 0), (0, g)))[:, None]
-    logits, cache = self._forward(params, inputs['tokens'], inputs['positions'], mask, init_cache(cfg, b, t), 0,
+    logits, cache = self._forward(params, inputs['tokens'], inputs['positions'], mask,
+                                  init_cache(self._decode_model.config, b, t), 0,
                                   logits_index=inputs['context_lengths'] - 1)  # only each row's <sop> row
     first_logits = logits[:, 0]
 
@@ -379,9 +395,9 @@ class Decoder:
     beam_state, parent, tok = beam_lib.beam_step(cfg_beam, beam_state, jnp.broadcast_to(first_logits[:, None],
                                                                                          (b, k, v)),
                                                  jax.random.fold_in(inputs['rng'], 0))
-    # [L, B, T, N, H] -> [L, B*K, T, N, H]: row b*K + j is beam j of prompt b. All beams share the context, so the
-    # first reorder is a no-op and is skipped.
-    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=1), cache)
+    # B -> B*K cache rows: row b*K + j is beam j of prompt b. All beams share the context, so the first reorder is a
+    # no-op and is skipped.
+    cache = take_cache_rows(cache, jnp.repeat(jnp.arange(b), k), self.cfg.num_attention_heads)
     state = {'i': jnp.int32(1), 'cache': cache, 'last': tok.reshape(b * k).astype(jnp.int32), 'beam': beam_state}
     if debug:
       state['debug'] = {'logits': jnp.zeros((g, b * k, v), jnp.float32).at[0].set(jnp.repeat(first_logits, k, 0)),
@@ -398,7 +414,7 @@ class Decoder:
                                              jax.random.fold_in(inputs['rng'], i))
       # Beam reordering inside the cache: new beam j of prompt b continues old beam parent[b, j].
       rows = (jnp.arange(b)[:, None] * k + parent).reshape(b * k)
-      cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=1), cache)
+      cache = take_cache_rows(cache, rows, self.cfg.num_attention_heads)
       s = dict(s, i=i + 1, cache=cache, last=tok.reshape(b * k).astype(jnp.int32), beam=beam)
       if debug:
         s['debug'] = {'logits': s['debug']['logits'].at[i].set(logits),
