@@ -46,7 +46,7 @@ def peak_flops(n: int, seconds: float = 2.0) -> tuple[float, str]:
   return best[name], f"{name} {n}x{n} fp32 ({', '.join(f'{k} {v / 1e9:.1f}' for k, v in best.items())} GFLOP/s)"
 
 
-def bench(config_name: str, batch: int, seq: int, steps: int, tokenizer, corpus):
+def bench(config_name: str, batch: int, seq: int, steps: int, tokenizer, corpus, overrides):
   import jax
   from glm_jax import GLM, sharding
   from glm_jax.data.pipeline import TrainBatches
@@ -56,6 +56,12 @@ def bench(config_name: str, batch: int, seq: int, steps: int, tokenizer, corpus)
   config = importlib.import_module(f'configs.{config_name}').get_config()
   config.model.vocab_size = tokenizer.vocab_size
   config.train.batch_size, config.train.seq_len = batch, seq
+  for key, value in overrides:
+    node = config
+    *parents, leaf = key.split('.')
+    for name in parents:
+      node = node[name]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value.lower() in ('1', 'true')
   mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(config)
   model = GLM(config.model)
   state = init_train_state(model, config, 0, mesh, rules)
@@ -79,7 +85,15 @@ def main(argv=None):
   p.add_argument('--runs', default='tiny:8x128,small:4x256', help='CONFIG:BATCHxSEQ list (default: %(default)s)')
   p.add_argument('--steps', type=int, default=5, help='timed steps per run, the median is reported')
   p.add_argument('--peak-n', type=int, default=2048, help='side of the square matmul measuring the peak')
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                 help='override a config field for every run, e.g. --set model.remat_policy=dots (repeatable)')
   args = p.parse_args(argv)
+  overrides = []
+  for item in args.set:
+    key, eq, value = item.partition('=')
+    if not eq or not key:
+      p.error(f'--set entries look like model.remat_policy=dots, got {item!r}')
+    overrides.append((key, value))
   runs = []
   for item in args.runs.split(','):
     name, _, size = item.partition(':')
@@ -103,7 +117,10 @@ def main(argv=None):
   print(f'peak: {peak / 1e9:.1f} GFLOP/s ({how})\n')
   print(f'{"run":<16} {"step s":>8} {"tokens/s":>10} {"GFLOP/s":>9} {"MFU":>7}')
   for name, b, s in runs:
-    seconds, flops_per_token = bench(name, b, s, args.steps, tokenizer, corpus)
+    try:
+      seconds, flops_per_token = bench(name, b, s, args.steps, tokenizer, corpus, overrides)
+    except (KeyError, AttributeError, ValueError) as exc:
+      p.error(f'--set: {exc}')
     tps = b * s / seconds
     print(f'{name + f" {b}x{s}":<16} {seconds:>8.3f} {tps:>10.0f} {tps * flops_per_token / 1e9:>9.1f} '
           f'{tps * flops_per_token / peak:>7.1%}')

@@ -226,19 +226,23 @@ def linear(eq, x, kernel, bias=None, *, fused_bias):
   return y32.astype(dt) + bias.astype(dt)
 
 
-def project(eq, x, kernel, bias, *, n_in, layout, fused_bias):
-  """x @ kernel (`linear`) for a kernel stored in `layout` ('in_out' [in..., out...], einsum `eq`; or 'out_in'
-  [out..., in...]) with n_in input axes contracted with x's trailing axes.
+def project(eq, x, kernel, bias, *, n_in, layout, fused_bias, flat=False):
+  """x @ kernel (`linear`) for a kernel stored in `layout`: 'in_out' [in..., out...] (the einsum `eq`) or 'out_in'
+  [out..., in...], its n_in input axes contracted with x's trailing axes.
 
-  out_in is computed as one 2-D [O, I] product: on the N-D kernel XLA would transpose it back to [I, O] (a copy of the
-  weight) to put the contracted axes first.
+  out_in, and in_out with flat=True, run as one 2-D product over the kernel reshaped to [O, I] / [I, O]: on a kernel
+  with several output axes XLA transposes it to put the contracted axes first, a weight copy per call (and in
+  training per backward pass). in_out flattens only where the merge keeps the sharding (the sharded axis leads its
+  group, as the QKV kernel's heads); the GeGLU kernel's [2, F] would have to be resharded when F is split.
   """
-  if layout == 'in_out':
+  in_out = layout == 'in_out'
+  if in_out and not flat:
     return linear(eq, x, kernel, bias, fused_bias=fused_bias)
-  out_shape = kernel.shape[:kernel.ndim - n_in]
-  o, i = math.prod(out_shape), math.prod(kernel.shape[kernel.ndim - n_in:])
+  out_shape = kernel.shape[n_in:] if in_out else kernel.shape[:kernel.ndim - n_in]
+  o, i = math.prod(out_shape), kernel.size // math.prod(out_shape)
   lead = x.shape[:x.ndim - n_in]
-  y = linear('...i,oi->...o', x.reshape(lead + (i,)), kernel.reshape(o, i), None if bias is None else bias.reshape(o),
+  y = linear('...i,io->...o' if in_out else '...i,oi->...o', x.reshape(lead + (i,)),
+             kernel.reshape((i, o) if in_out else (o, i)), None if bias is None else bias.reshape(o),
              fused_bias=fused_bias)
   return y.reshape(lead + out_shape)
 
@@ -259,7 +263,8 @@ class Attention(nn.Module):
     out_bias = _param(self, 'dense_bias', nn.initializers.zeros, (d,), ('norm',), wdt)
 
     layout = cfg.kernel_layout
-    qkv_BxSxNx3xH = project('bsd,dnth->bsnth', y_BxSxD, qkv_kernel, qkv_bias, n_in=1, layout=layout, fused_bias=True)
+    qkv_BxSxNx3xH = project('bsd,dnth->bsnth', y_BxSxD, qkv_kernel, qkv_bias, n_in=1, layout=layout, fused_bias=True,
+                            flat=True)
     qkv_BxSxNx3xH = _constrain(qkv_BxSxNx3xH, ('batch', 'length', 'act_heads', None, None))
     q_BxSxNxH, k_BxSxNxH, v_BxSxNxH = (qkv_BxSxNx3xH[:, :, :, i] for i in range(3))
     q_BxSxNxH = rope.apply_rope_parts(q_BxSxNxH, rope_parts)

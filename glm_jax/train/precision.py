@@ -75,8 +75,3 @@ def update_loss_scale(state: LossScaleState, finite: jax.Array, cfg: LossScaleCo
       good_steps=jnp.where(grow, 0, good_steps),
       hysteresis_left=jnp.where(grow, jnp.asarray(max(cfg.hysteresis, 1), jnp.int32), state.hysteresis_left))
   return jax.tree.map(lambda g, b: jnp.where(finite, g, b), good, bad)
-
-
-def select_tree(pred, on_true, on_false):
-  """Leafwise where(pred, a, b): keeps the old parameters / optimiser state on a skipped step."""
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)

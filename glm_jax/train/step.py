@@ -239,12 +239,17 @@ def make_train_step(model, config, mesh: Mesh | None = None, rules=None, *, dona
     count = applied_updates(state.opt_state)
     alpha = egs_schedule(count)
     grad_norm = optax.tree.norm(fold_embedding_grads(grads, alpha))
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+
+    def update(_):
+      updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), new_opt_state
+
+    # A branch, not a leafwise where: the select would read and write every parameter and moment once more per step.
+    new_params, new_opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
     new_state = TrainState(
         step=state.step + 1,
-        params=precision.select_tree(finite, new_params, state.params),
-        opt_state=precision.select_tree(finite, new_opt_state, state.opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         loss_scale=precision.update_loss_scale(state.loss_scale, finite, ls_cfg),
         rng=state.rng)
     metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=jnp.asarray(lr_schedule(count), jnp.float32),
