@@ -166,6 +166,8 @@ def data_defaults() -> ml_collections.ConfigDict:
   d.mask_prob = 0.3  # P([MASK] span corruption) for a self-supervised sequence; the rest are [gMASK]
   d.mask_ratio = 0.15  # [MASK]: fraction of a sample's source tokens covered by spans
   d.poisson_lambda = 3.0  # [MASK]: span lengths ~ max(1, Poisson(lambda))
+  d.short_seq_prob = 0.02  # [MASK]: P(a sample is cut to a random shorter length, at least 32 tokens)
+  d.single_span_prob = 0.02  # [MASK]: P(a sample masks one Poisson-length span instead of 15% of its tokens)
   d.min_gmask_ratio = 0.2  # [gMASK]: masked tail length ~ uniform [ceil(ratio * n), n - 1]
   d.samples_per_sequence = 4  # [MASK] and MIP samples are seq_len // this long, packed this many to a sequence
   # Multi-task instruction pre-training.

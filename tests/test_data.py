@@ -206,6 +206,30 @@ def test_mask_sample_statistics_and_structure(tok, sid):
   assert m[a:, :a].all() and np.array_equal(m[a:, a:], np.tril(np.ones((n := m.shape[0] - a, n), bool)))
 
 
+def test_short_and_single_span_variants(tok, sid):
+  stream = np.asarray(tok.encode(read_documents(data_dir() / 'tinyshakespeare' / 'input.txt')[0]), np.int32)
+
+  def samples(count, seed, **kw):
+    rng, offset = np.random.default_rng(seed), 0
+    for _ in range(count):
+      layout, n = mask_sample(stream[offset:], 128, rng, sid, **kw)
+      source, lengths = _source_of_mask_layout(layout, sid)
+      assert source == stream[offset:offset + n].tolist()
+      offset += n
+      yield layout, lengths
+
+  # Always short: a length drawn from [32, 128), spans still covering about 15% of it.
+  sizes = [(lay.tokens.size, sum(ls) / (lay.tokens.size - 2 * len(ls))) for lay, ls in samples(200, 0, short_seq_prob=1)]
+  assert min(s for s, _ in sizes) >= 32 and max(s for s, _ in sizes) < 128 and np.mean([s for s, _ in sizes]) < 90
+  assert abs(np.mean([f for _, f in sizes]) - 0.15) < 0.02
+  # Always one span, of Poisson(3) length clipped to >= 1.
+  singles = [ls for _, ls in samples(300, 1, single_span_prob=1)]
+  assert all(len(ls) == 1 for ls in singles) and 2.8 < np.mean([ls[0] for ls in singles]) < 3.3
+  # GLM-130B's 2% each: about 2% of samples are single-span, which a 15% sample of 128 tokens never is.
+  share = np.mean([len(ls) == 1 for _, ls in samples(2000, 2, single_span_prob=0.02, short_seq_prob=0.02)])
+  assert 0.008 < share < 0.035
+
+
 def test_part_b_order_is_shuffled(sid):
   rng = np.random.default_rng(5)
   orders = set()

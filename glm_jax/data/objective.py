@@ -11,8 +11,10 @@ this module decides *what* is masked.
   mask_ratio * n, and the last span is dropped again when that brings the covered fraction closer to mask_ratio
   (without this the overshoot of the last span biases the fraction upwards by ~1.5 points at max_len 128). The
   spans are placed uniformly at random, not overlapping and with at least one unmasked token between two spans
-  (so no two [MASK] tokens are adjacent). Part B holds the spans in a random order. GLM's `single_span_prob` /
-  `short_seq_prob` variants (2% each) are not implemented.
+  (so no two [MASK] tokens are adjacent). Part B holds the spans in a random order. Two rarer variants, as GLM-130B's
+  preprocessing draws them (2% each by default, independently, in this order): a short sample (`short_seq_prob`)
+  whose length is drawn uniformly from [min(32, max_len - 1), max_len) before the spans are drawn, and a single span
+  (`single_span_prob`) of one Poisson(poisson_lambda) length, clipped to [1, n - 1], instead of 15% coverage.
 [gMASK] (`gmask_sample`): a window of seq_len - 2 source tokens (so the sample is exactly seq_len long); the masked
   tail has a length drawn uniformly from [ceil(min_gmask_ratio * n), n - 1], so at least 20% is masked by default
   and at least one context token is kept. Targets end with <eop>.
@@ -103,15 +105,25 @@ def place_spans(n: int, lengths: Sequence[int], rng: np.random.Generator) -> lis
 
 
 def mask_sample(tokens: Sequence[int], seq_len_quarter: int, rng: np.random.Generator, special_ids: SpecialIds, *,
-                mask_ratio: float = 0.15, poisson_lambda: float = 3.0) -> tuple[Layout, int]:
+                mask_ratio: float = 0.15, poisson_lambda: float = 3.0, short_seq_prob: float = 0.0,
+                single_span_prob: float = 0.0) -> tuple[Layout, int]:
   """One [MASK] span-corruption sample of at most `seq_len_quarter` tokens from the start of `tokens`.
 
   Returns (layout, n): the sample ([s] arrays, s <= seq_len_quarter) and how many source tokens it used
   (tokens[:n]); the next sample starts at tokens[n:].
   """
   tokens = np.asarray(tokens, dtype=np.int32)
-  lengths, n = draw_span_lengths(seq_len_quarter, int(tokens.size), rng, mask_ratio=mask_ratio,
-                                 poisson_lambda=poisson_lambda)
+  max_len = seq_len_quarter
+  if short_seq_prob and rng.random() < short_seq_prob and max_len > 3:
+    max_len = int(rng.integers(max(3, min(32, max_len - 1)), max_len))
+  if single_span_prob and rng.random() < single_span_prob:
+    if tokens.size < 1:
+      raise ValueError('no source tokens left for a [MASK] sample')
+    n = min(max_len - 2, int(tokens.size))  # one span: Part A n - length + 1, Part B length + 1
+    lengths = [int(min(max(1, rng.poisson(poisson_lambda)), max(1, n - 1)))]
+  else:
+    lengths, n = draw_span_lengths(max_len, int(tokens.size), rng, mask_ratio=mask_ratio,
+                                   poisson_lambda=poisson_lambda)
   spans = place_spans(n, lengths, rng)
   source = tokens[:n]
   part_a: list[int] = []

@@ -129,10 +129,12 @@ class TrainBatches:
     self.mask_prob = float(cfg['mask_prob'])
     self.mask_ratio = float(cfg['mask_ratio'])
     self.poisson_lambda = float(cfg['poisson_lambda'])
+    self.short_seq_prob = float(cfg['short_seq_prob'])
+    self.single_span_prob = float(cfg['single_span_prob'])
     self.min_gmask_ratio = float(cfg['min_gmask_ratio'])
     self.mip_share = float(cfg['mip_share'])
     self.samples_per_sequence = int(cfg['samples_per_sequence'])
-    for name in ('mask_prob', 'mask_ratio', 'min_gmask_ratio', 'mip_share'):
+    for name in ('mask_prob', 'mask_ratio', 'min_gmask_ratio', 'mip_share', 'short_seq_prob', 'single_span_prob'):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f'data.{name} must be in [0, 1], got {getattr(self, name)}')
     if self.samples_per_sequence < 1:
@@ -171,7 +173,7 @@ class TrainBatches:
         'train_tokens': 0 if self.corpus is None else int(self.corpus.train_tokens.size),
         'num_instructions': len(self.instructions),
         'objective': [self.mask_prob, self.mask_ratio, self.poisson_lambda, self.min_gmask_ratio, self.mip_share,
-                      self.samples_per_sequence],
+                      self.samples_per_sequence, self.short_seq_prob, self.single_span_prob],
     }
 
   def get_state(self) -> dict:
@@ -249,7 +251,8 @@ class TrainBatches:
     samples, offset = [], 0
     for _ in range(self.samples_per_sequence):
       layout, used = mask_sample(tokens[offset:], self.sample_len, rng, sid, mask_ratio=self.mask_ratio,
-                                 poisson_lambda=self.poisson_lambda)
+                                 poisson_lambda=self.poisson_lambda, short_seq_prob=self.short_seq_prob,
+                                 single_span_prob=self.single_span_prob)
       samples.append(layout)
       offset += used
     return pack_sequence(samples, self.seq_len, sid), kind
