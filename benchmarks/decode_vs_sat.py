@@ -57,8 +57,9 @@ import re
 import sys
 import time
 
+import cpu_threads  # benchmarks/, first on sys.path when the script runs; imports nothing that starts threads
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-XLA_ONE_THREAD = '--xla_cpu_multi_thread_eigen=false'
 NEAR_TIE = 1e-3  # a SAT top-2 logit margin at or below this is a near tie: either token is right
 
 
@@ -114,50 +115,10 @@ def parse_args(argv=None):
 # Threads (before numpy / torch / jax are imported)
 
 
-def _cpu_busy(sample_s=0.5):
-  """Fraction of time each core was busy over a short sample, from /proc/stat."""
-  def read():
-    out = {}
-    with open('/proc/stat') as f:
-      for line in f:
-        if line.startswith('cpu') and line[3].isdigit():
-          name, *vals = line.split()
-          vals = [int(v) for v in vals]
-          out[int(name[3:])] = (sum(vals), vals[3] + vals[4])  # total, idle + iowait
-    return out
-  a = read()
-  time.sleep(sample_s)
-  b = read()
-  return {c: 1.0 - (b[c][1] - a[c][1]) / max(1, b[c][0] - a[c][0]) for c in a if c in b}
-
-
 def set_threads(args):
   """Pins / sizes the thread pools as --threads asks; returns notes describing it."""
-  notes = []
-  allowed = sorted(os.sched_getaffinity(0))
-  if args.threads == 1:
-    core = args.core
-    if core is None:
-      try:
-        busy = _cpu_busy()
-        core = min(allowed, key=lambda c: busy.get(c, 1.0))
-        notes.append('core busy before start: ' + ', '.join(f'{c}: {busy.get(c, float("nan")):.0%}' for c in allowed))
-      except OSError:
-        core = allowed[-1]
-    os.sched_setaffinity(0, {core})
-    notes.insert(0, f'--threads 1: process pinned to core {core} with os.sched_setaffinity (of {allowed}), set before '
-                    'numpy, torch and jax start any thread, so all their threads inherit it')
-    flags = os.environ.get('XLA_FLAGS', '')
-    if 'xla_cpu_multi_thread_eigen' not in flags:
-      os.environ['XLA_FLAGS'] = (flags + ' ' + XLA_ONE_THREAD).strip()
-  else:
-    notes.append(f'--threads 2: no pinning (allowed cores {allowed}); XLA, torch and the BLAS libraries use 2 threads')
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
-    os.environ[var] = str(args.threads)
-  notes.append(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}, JAX_PLATFORMS=cpu; OMP/OPENBLAS/MKL_NUM_THREADS='
-               f'{args.threads}; torch.set_num_threads({args.threads}), set_num_interop_threads(1), no_grad')
-  return notes
+  return cpu_threads.limit_threads(args.threads, args.core) + [
+      f'torch.set_num_threads({args.threads}), set_num_interop_threads(1), no_grad']
 
 
 def code_state(glm_jax_dir):

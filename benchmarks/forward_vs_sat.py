@@ -33,8 +33,9 @@ import os
 import sys
 import time
 
+import cpu_threads  # benchmarks/, first on sys.path when the script runs; imports nothing that starts threads
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-XLA_ONE_THREAD = '--xla_cpu_multi_thread_eigen=false'
 
 
 def parse_args(argv=None):
@@ -71,49 +72,10 @@ def parse_args(argv=None):
   return args
 
 
-def _cpu_busy(sample_s=0.5):
-  """Fraction of time each core was busy over a short sample, from /proc/stat."""
-  def read():
-    out = {}
-    with open('/proc/stat') as f:
-      for line in f:
-        if line.startswith('cpu') and line[3].isdigit():
-          name, *vals = line.split()
-          vals = [int(v) for v in vals]
-          idle = vals[3] + vals[4]  # idle + iowait
-          out[int(name[3:])] = (sum(vals), idle)
-    return out
-  a = read()
-  time.sleep(sample_s)
-  b = read()
-  return {c: 1.0 - (b[c][1] - a[c][1]) / max(1, b[c][0] - a[c][0]) for c in a if c in b}
-
-
 def hold_to_one_core(args):
   """Pins the process (before any thread pool exists) and sets the one-thread environment. Returns a description."""
-  notes = []
-  if not args.no_pin:
-    allowed = sorted(os.sched_getaffinity(0))
-    core = args.core
-    if core is None:
-      try:
-        busy = _cpu_busy()
-        core = min(allowed, key=lambda c: busy.get(c, 1.0))
-        notes.append('core busy before start: ' + ', '.join(f'{c}: {busy.get(c, float("nan")):.0%}' for c in allowed))
-      except OSError:
-        core = allowed[-1]
-    os.sched_setaffinity(0, {core})
-    notes.insert(0, f'process pinned to core {core} with os.sched_setaffinity (of {allowed}); set before numpy, '
-                    f'torch and jax start any thread, so all their threads inherit it')
-  flags = os.environ.get('XLA_FLAGS', '')
-  if 'xla_cpu_multi_thread_eigen' not in flags:
-    os.environ['XLA_FLAGS'] = (flags + ' ' + XLA_ONE_THREAD).strip()
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
-    os.environ[var] = '1'
-  notes.append(f'XLA_FLAGS={os.environ["XLA_FLAGS"]!r}, JAX_PLATFORMS=cpu; '
-               'OMP/OPENBLAS/MKL_NUM_THREADS=1; torch.set_num_threads(1), set_num_interop_threads(1), no_grad')
-  return notes
+  return cpu_threads.limit_threads(1, args.core, pin=not args.no_pin) + [
+      'torch.set_num_threads(1), set_num_interop_threads(1), no_grad']
 
 
 def thread_cpu_ticks():
@@ -172,7 +134,6 @@ def main(argv=None):
   import importlib
   from glm_jax import GLM, GLMConfig, from_sat_state_dict
   from glm_jax.model import unstack_layers
-  from glm_jax.model import GLMConfig
   from tests import sat_reference as R
 
   config = importlib.import_module(f'configs.{args.config}').get_config()

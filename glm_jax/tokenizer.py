@@ -107,11 +107,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import sentencepiece as spm
+
+from glm_jax.files import atomic_write
 
 __all__ = [
   'GLMTokenizer',
@@ -183,24 +184,6 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
   """Path of the JSON sidecar that belongs to ``<out>.model``."""
   p = Path(model_path)
   return p.with_suffix('.json') if p.suffix == '.model' else Path(str(p) + '.json')
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-  """Write ``data`` to ``path`` through a temporary file and a rename."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
-  try:
-    with open(tmp, 'xb') as f:  # "x": never clobber; the mode follows the umask
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
 
 
 class GLMTokenizer:
@@ -376,8 +359,8 @@ class GLMTokenizer:
       meta['ignore_linebreak'] = self._ignore_linebreak
     if extra:
       meta.update({k: v for k, v in extra.items() if k not in meta})
-    _atomic_write(model, self._proto)
-    _atomic_write(sidecar_path(model), (json.dumps(meta, indent=2, ensure_ascii=False) + '\n').encode())
+    atomic_write(model, self._proto)
+    atomic_write(sidecar_path(model), json.dumps(meta, indent=2, ensure_ascii=False) + '\n')
     return model
 
   # ----------------------------------------------------------- properties

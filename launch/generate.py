@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from glm_jax.files import atomic_write  # noqa: E402
 
 PROG = 'generate.py'
 PROMPT = "Please input a prompt ('stop' to exit) >>> "
@@ -142,26 +142,6 @@ def read_prompts(path: Path, with_id: bool) -> list[dict]:
   return records
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-  try:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
-
-
 def _one_line(e: BaseException) -> str:
   return ' '.join(str(e).split()) or type(e).__name__
 
@@ -186,7 +166,7 @@ def run_file(gen, records, options, args) -> int:
       else:
         bar.write(f'[{tag}] {result.text}', file=sys.stdout)
       bar.update(1)
-  _atomic_write_text(out_path, '\n'.join(lines) + '\n')
+  atomic_write(out_path, '\n'.join(lines) + '\n')
   print(f'wrote {len(lines)} answers to {out_path}', file=sys.stderr)
   return 0
 

@@ -9,11 +9,14 @@ Each run directory's metrics.jsonl (written by launch/train.py) gives one line p
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from glm_jax.files import atomic_write  # noqa: E402
 
 DEFAULT_METRICS = ('loss', 'heldout_loss', 'heldout_bpb', 'learning_rate', 'grad_norm', 'tokens_per_s')
 
@@ -61,16 +64,10 @@ def plot(runs: list[Path], metrics: list[str], out: Path):
     ax.axis('off')
   axes.flat[0].legend(fontsize='small')
   fig.tight_layout()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix='.png', dir=out.parent)  # written whole, then renamed: never a half file
-  os.close(fd)
-  try:
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=110)
   plt.close(fig)
+  atomic_write(out, png.getvalue())  # written whole, then renamed: never a half file
 
 
 def main(argv=None) -> int:

@@ -4,12 +4,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import torch
 
-from glm_jax import GLM, model_io, to_sat_state_dict
+from glm_jax import GLM, model_io
 from tests import sat_reference as R
 from tests.conftest import PARITY_MODEL, REPO
 

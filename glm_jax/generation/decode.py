@@ -303,7 +303,6 @@ class Decoder:
                                     logits_index=logits_index)
 
   def _program(self, params, inputs, *, strategy, gen_bucket, debug):
-    cfg = self.cfg
     b, p = inputs['tokens'].shape
     g = gen_bucket
     t = p + g
