@@ -177,6 +177,16 @@ def to_out_in_kernels(params):
   return jax.tree_util.tree_map_with_path(convert, params)
 
 
+def _is_split(logical_axis: str) -> bool:
+  """Whether the active axis rules and mesh (sharding.activate) split this logical axis over more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return False
+  target = nn.logical_to_mesh_axes((logical_axis,))[0]
+  names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+  return math.prod(mesh.shape[a] for a in names) > 1
+
+
 def _constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
@@ -233,7 +243,7 @@ def project(eq, x, kernel, bias, *, n_in, layout, fused_bias, flat=False):
   out_in, and in_out with flat=True, run as one 2-D product over the kernel reshaped to [O, I] / [I, O]: on a kernel
   with several output axes XLA transposes it to put the contracted axes first, a weight copy per call (and in
   training per backward pass). in_out flattens only where the merge keeps the sharding (the sharded axis leads its
-  group, as the QKV kernel's heads); the GeGLU kernel's [2, F] would have to be resharded when F is split.
+  group, as the QKV kernel's heads); the GeGLU kernel's [2, F] only when F is not split (it would be resharded).
   """
   in_out = layout == 'in_out'
   if in_out and not flat:
@@ -322,7 +332,8 @@ class MLP(nn.Module):
     b1 = _param(self, 'h_to_4h_bias', nn.initializers.zeros, (2, f), ('glu', 'mlp'), wdt)
     w2 = _kernel(self, '4h_to_h_kernel', _xavier_normal(beta, f, d), (f, d), ('mlp', 'embed'))
     b2 = _param(self, '4h_to_h_bias', nn.initializers.zeros, (d,), ('norm',), wdt)
-    u_BxSx2xF = project('bsd,dgf->bsgf', y_BxSxD, w1, b1, n_in=1, layout=cfg.kernel_layout, fused_bias=True)
+    u_BxSx2xF = project('bsd,dgf->bsgf', y_BxSxD, w1, b1, n_in=1, layout=cfg.kernel_layout, fused_bias=True,
+                        flat=not _is_split('mlp'))
     u_BxSx2xF = _constrain(u_BxSx2xF, ('batch', 'length', None, 'act_mlp'))
     act_BxSxF = u_BxSx2xF[:, :, 0] * gelu(u_BxSx2xF[:, :, 1])
     out_BxSxD = project('bsf,fd->bsd', act_BxSxF, w2, b2, n_in=1, layout=cfg.kernel_layout, fused_bias=False)
