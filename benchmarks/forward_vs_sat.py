@@ -163,7 +163,7 @@ def main(argv=None):
   if not args.scan_layers:
     params = unstack_layers(params)
   params = jax.tree.map(jnp.asarray, params)
-  model = GLM(dataclasses.replace(GLMConfig.make(config.model), scan_layers=args.scan_layers))
+  model = GLM(dataclasses.replace(GLMConfig.make(config.model), scan_layers=args.scan_layers, remat_policy='none'))
   print(f'glm-jax layers: {"scanned (stacked weights)" if args.scan_layers else "per-layer weights (scan_layers=False)"}')
   forward = jax.jit(lambda p, t, q, m: model.apply({'params': p}, t, q, m))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -191,7 +191,8 @@ class Decoder:
     self.cfg = GLMConfig.make(config_model)
     # Decoding runs its own layout of the same weights (`decode_params`): per-layer arrays instead of a stacked one (no
     # per-layer copy out of the stack at every step; each layer's cache updated in place) and output-major kernels.
-    self._decode_model = GLM(dataclasses.replace(self.cfg, scan_layers=False, kernel_layout='out_in'))
+    self._decode_model = GLM(dataclasses.replace(self.cfg, scan_layers=False, kernel_layout='out_in',
+                                                 remat_policy='none'))
     self._to_decode_layout = jax.jit(lambda p: to_out_in_kernels(unstack_layers(p)))
     self._last_params = self._last_decode_params = None
     self.trace_counts: collections.Counter = collections.Counter()
