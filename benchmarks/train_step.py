@@ -46,22 +46,38 @@ def peak_flops(n: int, seconds: float = 2.0) -> tuple[float, str]:
   return best[name], f"{name} {n}x{n} fp32 ({', '.join(f'{k} {v / 1e9:.1f}' for k, v in best.items())} GFLOP/s)"
 
 
-def bench(config_name: str, batch: int, seq: int, steps: int, tokenizer, corpus, overrides):
+def run_config(config_name: str, batch: int, seq: int, overrides):
+  """configs/<config_name>.py at this batch and length, with the --set overrides applied and the model fields
+  checked (a bad field name or value raises ValueError before anything is trained)."""
+  from glm_jax.model import GLMConfig
+  config = importlib.import_module(f'configs.{config_name}').get_config()
+  config.train.batch_size, config.train.seq_len = batch, seq
+  for key, value in overrides:
+    node = config
+    *parents, leaf = key.split('.')
+    try:
+      for name in parents:
+        node = node[name]
+      old = node[leaf]
+    except (KeyError, AttributeError, TypeError):
+      raise ValueError(f'{key}: no such config field') from None
+    try:
+      node[leaf] = value.lower() in ('1', 'true') if isinstance(old, bool) else type(old)(value)
+    except (TypeError, ValueError):
+      raise ValueError(f'{key}: {value!r} is not a {type(old).__name__}') from None
+  GLMConfig.make(config.model)
+  return config
+
+
+def bench(config, steps: int, tokenizer, corpus):
   import jax
   from glm_jax import GLM, sharding
   from glm_jax.data.pipeline import TrainBatches
   from glm_jax.model import GLMConfig, train_flops_per_token
   from glm_jax.train.step import init_train_state, make_train_step
 
-  config = importlib.import_module(f'configs.{config_name}').get_config()
   config.model.vocab_size = tokenizer.vocab_size
-  config.train.batch_size, config.train.seq_len = batch, seq
-  for key, value in overrides:
-    node = config
-    *parents, leaf = key.split('.')
-    for name in parents:
-      node = node[name]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value.lower() in ('1', 'true')
+  batch, seq = config.train.batch_size, config.train.seq_len
   mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(config)
   model = GLM(config.model)
   state = init_train_state(model, config, 0, mesh, rules)
@@ -100,7 +116,12 @@ def main(argv=None):
     b, _, s = size.lower().partition('x')
     if not (b.isdigit() and s.isdigit()):
       p.error(f'--runs entries look like small:4x256, got {item!r}')
-    runs.append((name, int(b), int(s)))
+    try:
+      runs.append((name, int(b), int(s), run_config(name, int(b), int(s), overrides)))
+    except ModuleNotFoundError:
+      p.error(f'--runs: no config configs/{name}.py')
+    except ValueError as exc:
+      p.error(f'--set: {exc}')
 
   from glm_jax.data.corpus import load_corpus
   from glm_jax.tokenizer import GLMTokenizer
@@ -116,11 +137,8 @@ def main(argv=None):
   peak, how = peak_flops(args.peak_n)
   print(f'peak: {peak / 1e9:.1f} GFLOP/s ({how})\n')
   print(f'{"run":<16} {"step s":>8} {"tokens/s":>10} {"GFLOP/s":>9} {"MFU":>7}')
-  for name, b, s in runs:
-    try:
-      seconds, flops_per_token = bench(name, b, s, args.steps, tokenizer, corpus, overrides)
-    except (KeyError, AttributeError, ValueError) as exc:
-      p.error(f'--set: {exc}')
+  for name, b, s, config in runs:
+    seconds, flops_per_token = bench(config, args.steps, tokenizer, corpus)
     tps = b * s / seconds
     print(f'{name + f" {b}x{s}":<16} {seconds:>8.3f} {tps:>10.0f} {tps * flops_per_token / 1e9:>9.1f} '
           f'{tps * flops_per_token / peak:>7.1%}')

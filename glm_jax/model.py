@@ -307,11 +307,8 @@ class Attention(nn.Module):
                            preferred_element_type=jnp.float32).astype(q_RxSxH.dtype)
     ctx_BxSxNxH = jnp.swapaxes(ctx_RxSxH.reshape(b, n, s, h), 1, 2)
     ctx_BxSxNxH = _constrain(ctx_BxSxNxH, ('batch', 'length', 'act_heads', None))
-    if layout == 'in_out':  # one [N*H, D] contraction: on (n, h) as two axes XLA transposes the kernel, a weight copy
-      out_BxSxD = linear('bse,ed->bsd', ctx_BxSxNxH.reshape(b, s, n * h), out_kernel.reshape(n * h, d), out_bias,
-                         fused_bias=False)
-    else:
-      out_BxSxD = project(None, ctx_BxSxNxH, out_kernel, out_bias, n_in=2, layout=layout, fused_bias=False)
+    out_BxSxD = project('bsnh,nhd->bsd', ctx_BxSxNxH, out_kernel, out_bias, n_in=2, layout=layout, fused_bias=False,
+                        flat=True)
     out_BxSxD = nn.Dropout(cfg.hidden_dropout)(out_BxSxD, deterministic=self.deterministic)
     return out_BxSxD, new_cache
 
