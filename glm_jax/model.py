@@ -221,19 +221,35 @@ class LayerNorm(nn.Module):
     return layer_norm(x, scale, bias, self.cfg.layernorm_epsilon)
 
 
-def linear(eq, x, kernel, bias=None, *, fused_bias):
-  """The matmul seam of the four big linears: x @ kernel in x's dtype with fp32 accumulation.
-
-  `fused_bias` mirrors SAT's rounding: column-parallel layers add the bias inside the fp32 accumulation
-  (torch addmm, one rounding); row-parallel layers add it after the product is rounded (two roundings).
-  """
-  dt = x.dtype
-  y32 = jnp.einsum(eq, x, kernel.astype(dt), preferred_element_type=jnp.float32)
+def _add_bias(y32, bias, dt, fused_bias):
+  """`fused_bias` mirrors SAT's rounding: column-parallel layers add the bias inside the fp32 accumulation (torch
+  addmm, one rounding); row-parallel layers add it after the product is rounded (two roundings)."""
   if bias is None:
     return y32.astype(dt)
   if fused_bias:
     return (y32 + bias.astype(jnp.float32)).astype(dt)
   return y32.astype(dt) + bias.astype(dt)
+
+
+def linear(eq, x, kernel, bias=None, *, fused_bias):
+  """The matmul seam of the four big linears: x @ kernel in x's dtype with fp32 accumulation."""
+  dt = x.dtype
+  return _add_bias(jnp.einsum(eq, x, kernel.astype(dt), preferred_element_type=jnp.float32), bias, dt, fused_bias)
+
+
+# Up to this many rows (tokens), an output-major [O, I] kernel is applied as kernel @ x.T and the small [O, M] result
+# transposed back: a decode step's product. On XLA:CPU, x @ kernel.T with 8 to 32 rows takes 1.5-2x as long as
+# kernel @ x.T on the small config's kernels; from 128-256 rows on it is the faster GEMM (one core, M = 1..512).
+OUTPUT_MAJOR_MAX_ROWS = 64
+
+
+def _linear_out_in(x_MxI, kernel_OxI, bias_O=None, *, fused_bias):
+  """x @ kernel.T computed as (kernel @ x.T).T, for few rows (see OUTPUT_MAJOR_MAX_ROWS)."""
+  dt = x_MxI.dtype
+  y32_OxM = jnp.einsum('oi,mi->om', kernel_OxI.astype(dt), x_MxI, preferred_element_type=jnp.float32)
+  y_OxM = _add_bias(y32_OxM, None if bias_O is None else bias_O[:, None], dt, fused_bias)
+  # The barrier keeps XLA from folding the transpose into the product, which would turn it back into x @ kernel.T.
+  return jax.lax.optimization_barrier(y_OxM).T
 
 
 def project(eq, x, kernel, bias, *, n_in, layout, fused_bias, flat=False):
@@ -251,9 +267,14 @@ def project(eq, x, kernel, bias, *, n_in, layout, fused_bias, flat=False):
   out_shape = kernel.shape[n_in:] if in_out else kernel.shape[:kernel.ndim - n_in]
   o, i = math.prod(out_shape), kernel.size // math.prod(out_shape)
   lead = x.shape[:x.ndim - n_in]
-  y = linear('...i,io->...o' if in_out else '...i,oi->...o', x.reshape(lead + (i,)),
-             kernel.reshape((i, o) if in_out else (o, i)), None if bias is None else bias.reshape(o),
-             fused_bias=fused_bias)
+  x = x.reshape(lead + (i,))
+  bias = None if bias is None else bias.reshape(o)
+  if in_out:
+    y = linear('...i,io->...o', x, kernel.reshape(i, o), bias, fused_bias=fused_bias)
+  elif math.prod(lead) <= OUTPUT_MAJOR_MAX_ROWS:
+    y = _linear_out_in(x.reshape(-1, i), kernel.reshape(o, i), bias, fused_bias=fused_bias)
+  else:
+    y = linear('...i,oi->...o', x, kernel.reshape(o, i), bias, fused_bias=fused_bias)
   return y.reshape(lead + out_shape)
 
 
@@ -421,8 +442,9 @@ class GLM(nn.Module):
     if logits_index is not None:
       x_BxSxD = jnp.take_along_axis(x_BxSxD, logits_index[:, None, None], axis=1)
     x_BxSxD = LayerNorm(cfg, name='final_layernorm')(x_BxSxD)
-    logits_BxSxV = jnp.einsum('bsd,vd->bsv', x_BxSxD, embedding_VxD.astype(dt),
-                              preferred_element_type=jnp.float32).astype(dt).astype(jnp.float32)
+    # The tied [V, D] embedding is an output-major kernel (the einsum is only used for 'in_out' kernels).
+    logits_BxSxV = project(None, x_BxSxD, embedding_VxD, None, n_in=1, layout='out_in',
+                           fused_bias=True).astype(jnp.float32)
     logits_BxSxV = _constrain(logits_BxSxV, ('batch', 'length', 'act_vocab'))
     if cache is None:
       return logits_BxSxV

@@ -11,6 +11,7 @@ import pytest
 import dataclasses
 
 from glm_jax import GLM, GLMConfig, count_params, init_cache, init_params
+from glm_jax import model as model_lib
 from glm_jax.model import stack_layers, to_out_in_kernels, unstack_layers
 from tests.conftest import REPO, load_config
 
@@ -176,3 +177,26 @@ def test_logits_index_reads_one_row_per_sequence(small_model):
   picked = model.apply({'params': params}, tokens, pos, mask, logits_index=rows)
   assert picked.shape == (2, 1, full.shape[-1])
   np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), rows], atol=1e-6)
+
+
+@pytest.mark.parametrize('rows', [1, model_lib.OUTPUT_MAJOR_MAX_ROWS, model_lib.OUTPUT_MAJOR_MAX_ROWS + 1])
+@pytest.mark.parametrize('fused_bias', [True, False])
+def test_output_major_projection_on_both_sides_of_the_row_threshold(rows, fused_bias):
+  """An [O, I] kernel is applied as kernel @ x.T up to OUTPUT_MAJOR_MAX_ROWS rows (the fast decode-step product on
+  CPU) and as x @ kernel.T above: both are x @ kernel.T (+ bias), in value and in gradient."""
+  rng = np.random.default_rng(rows)
+  x = rng.standard_normal((1, rows, 16)).astype(np.float32)  # the threshold counts all leading rows: 1 * rows
+  kernel = rng.standard_normal((2, 5, 16)).astype(np.float32)  # out_in: [out..., in]
+  bias = rng.standard_normal((2, 5)).astype(np.float32)
+
+  def f(x, kernel, bias):
+    return model_lib.project('bsi,igo->bsgo', x, kernel, bias, n_in=1, layout='out_in', fused_bias=fused_bias)
+
+  y = np.asarray(f(x, kernel, bias))
+  ref = np.einsum('bsi,goi->bsgo', x.astype(np.float64), kernel.astype(np.float64)) + bias
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  uses_output_major = 'optimization_barrier' in str(jax.make_jaxpr(f)(x, kernel, bias))
+  assert uses_output_major == (rows <= model_lib.OUTPUT_MAJOR_MAX_ROWS)
+  g = jax.grad(lambda k: (f(x, k, bias) ** 2).sum())(kernel)
+  g_ref = jax.grad(lambda k: ((jnp.einsum('bsi,goi->bsgo', x, k) + bias) ** 2).sum())(kernel)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
