@@ -243,38 +243,42 @@ def linear(eq, x, kernel, bias=None, *, fused_bias):
 OUTPUT_MAJOR_MAX_ROWS = 64
 
 
-def _linear_out_in(x_MxI, kernel_OxI, bias_O=None, *, fused_bias):
-  """x @ kernel.T computed as (kernel @ x.T).T, for few rows (see OUTPUT_MAJOR_MAX_ROWS)."""
+def _linear_out_in(x_MxI, kernel, bias, *, ins, outs, fused_bias):
+  """x @ kernel for an output-major kernel [outs..., ins...] and few rows x [M, ins...], computed as kernel @ x.T
+  and transposed back (see OUTPUT_MAJOR_MAX_ROWS)."""
   dt = x_MxI.dtype
-  y32_OxM = jnp.einsum('oi,mi->om', kernel_OxI.astype(dt), x_MxI, preferred_element_type=jnp.float32)
-  y_OxM = _add_bias(y32_OxM, None if bias_O is None else bias_O[:, None], dt, fused_bias)
+  y32_OxM = jnp.einsum(f'{outs}{ins},M{ins}->{outs}M', kernel.astype(dt), x_MxI, preferred_element_type=jnp.float32)
+  y_OxM = _add_bias(y32_OxM, None if bias is None else bias[..., None], dt, fused_bias)
   # The barrier keeps XLA from folding the transpose into the product, which would turn it back into x @ kernel.T.
-  return jax.lax.optimization_barrier(y_OxM).T
+  return jnp.moveaxis(jax.lax.optimization_barrier(y_OxM), -1, 0)
 
 
 def project(eq, x, kernel, bias, *, n_in, layout, fused_bias, flat=False):
-  """x @ kernel (`linear`) for a kernel stored in `layout`: 'in_out' [in..., out...] (the einsum `eq`) or 'out_in'
-  [out..., in...], its n_in input axes contracted with x's trailing axes.
+  """x @ kernel (`linear`) for a kernel stored in `layout`: 'in_out' [in..., out...], the kernel of the einsum `eq`,
+  or 'out_in' [out..., in...], the same axes with the inputs last; its n_in input axes contract x's trailing axes.
 
-  out_in, and in_out with flat=True, run as one 2-D product over the kernel reshaped to [O, I] / [I, O]: on a kernel
-  with several output axes XLA transposes it to put the contracted axes first, a weight copy per call (and in
-  training per backward pass). in_out flattens only where the merge keeps the sharding (the sharded axis leads its
-  group, as the QKV kernel's heads); the GeGLU kernel's [2, F] only when F is not split (it would be resharded).
+  flat=True runs one 2-D product over the kernel reshaped to [I, O] / [O, I]: on a kernel with several output axes
+  XLA otherwise transposes it to put the contracted axes together, a weight copy per call (and in training per
+  backward pass). Callers flatten only where the merge keeps the sharding (the split axis leads its group, as the
+  QKV kernel's heads); the GeGLU kernel's [2, F] only when F is not split (merged, it would be gathered).
   """
+  k_io = eq.split('->')[0].split(',')[1]  # the kernel's axis letters, in_out order
+  ins, outs = k_io[:n_in], k_io[n_in:]
   in_out = layout == 'in_out'
-  if in_out and not flat:
-    return linear(eq, x, kernel, bias, fused_bias=fused_bias)
-  out_shape = kernel.shape[n_in:] if in_out else kernel.shape[:kernel.ndim - n_in]
-  o, i = math.prod(out_shape), kernel.size // math.prod(out_shape)
   lead = x.shape[:x.ndim - n_in]
-  x = x.reshape(lead + (i,))
-  bias = None if bias is None else bias.reshape(o)
-  if in_out:
-    y = linear('...i,io->...o', x, kernel.reshape(i, o), bias, fused_bias=fused_bias)
-  elif math.prod(lead) <= OUTPUT_MAJOR_MAX_ROWS:
-    y = _linear_out_in(x.reshape(-1, i), kernel.reshape(o, i), bias, fused_bias=fused_bias)
+  out_shape = kernel.shape[n_in:] if in_out else kernel.shape[:kernel.ndim - n_in]
+  if flat:
+    o = math.prod(out_shape)
+    i = kernel.size // o
+    kernel = kernel.reshape((i, o) if in_out else (o, i))
+    x = x.reshape(lead + (i,))
+    bias = None if bias is None else bias.reshape(o)
+    ins, outs = 'i', 'o'
+  if not in_out and math.prod(lead) <= OUTPUT_MAJOR_MAX_ROWS:
+    y = _linear_out_in(x.reshape((-1,) + x.shape[len(lead):]), kernel, bias, ins=ins, outs=outs,
+                       fused_bias=fused_bias)
   else:
-    y = linear('...i,oi->...o', x, kernel.reshape(o, i), bias, fused_bias=fused_bias)
+    y = linear(f'...{ins},{ins + outs if in_out else outs + ins}->...{outs}', x, kernel, bias, fused_bias=fused_bias)
   return y.reshape(lead + out_shape)
 
 
@@ -442,9 +446,8 @@ class GLM(nn.Module):
     if logits_index is not None:
       x_BxSxD = jnp.take_along_axis(x_BxSxD, logits_index[:, None, None], axis=1)
     x_BxSxD = LayerNorm(cfg, name='final_layernorm')(x_BxSxD)
-    # The tied [V, D] embedding is an output-major kernel (the einsum is only used for 'in_out' kernels).
-    logits_BxSxV = project(None, x_BxSxD, embedding_VxD, None, n_in=1, layout='out_in',
-                           fused_bias=True).astype(jnp.float32)
+    # The tied [V, D] embedding is an output-major kernel.
+    logits_BxSxV = project('bsd,dv->bsv', x_BxSxD, embedding_VxD, None, n_in=1, layout='out_in', fused_bias=True).astype(jnp.float32)
     logits_BxSxV = _constrain(logits_BxSxV, ('batch', 'length', 'act_vocab'))
     if cache is None:
       return logits_BxSxV

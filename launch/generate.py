@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--seed', type=int, default=1234,
                  help='Random seed; the same seed gives the same answers (default: %(default)s).')
   p.add_argument('--with-id', action='store_true', help='File mode: each input line is "id<TAB>prompt".')
+  p.add_argument('--mesh', default=None,
+                 help='Decode on a device mesh, as axis=size pairs over data, fsdp, tensor, stage (missing ones are '
+                      '1), e.g. "tensor=8": the weights are split by the checkpoint config\'s axis rules (heads, GeGLU '
+                      'width and vocabulary over tensor). The sizes must multiply to the number of devices. '
+                      'Default: the default device.')
   return p
 
 
@@ -227,7 +232,14 @@ def main(argv=None) -> int:
         except ValueError as e:
           raise UsageError(f'{args.input_source} line {record["line"]}: {e}') from None
       Path(args.output_path).mkdir(parents=True, exist_ok=True)  # fail now, not after generating everything
-    gen = api.Generator.load(args.checkpoint, tokenizer)
+    mesh = None
+    if args.mesh is not None:
+      from glm_jax import sharding
+      try:
+        mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, config.mesh))
+      except ValueError as e:
+        raise UsageError(f'--mesh {args.mesh}: {e}') from None
+    gen = api.Generator.load(args.checkpoint, tokenizer, mesh=mesh)
     if records is not None:
       return run_file(gen, records, options, args)
     return run_interactive(gen, options, args)

@@ -26,19 +26,6 @@ _FORWARD = flags.DEFINE_bool('forward', False, 'Also initialise the model on thi
                              'pass on a batch of 2 x 16 tokens (only sensible for small configs).')
 
 
-def parse_mesh(text: str | None, mesh_config) -> dict[str, int]:
-  from glm_jax.sharding import MESH_AXES
-  if text is None:
-    return {a: max(1, int(mesh_config[a])) for a in MESH_AXES}
-  sizes = dict.fromkeys(MESH_AXES, 1)
-  for item in filter(None, text.split(',')):
-    name, _, value = item.partition('=')
-    if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
-      raise ValueError(f'--mesh: bad entry {item!r}; expected axis=size with axis in {list(MESH_AXES)}, size >= 1')
-    sizes[name.strip()] = int(value)
-  return sizes
-
-
 def shard_shape(shape, logical_axes, rules, sizes):
   table = dict(rules)
   out = []
@@ -103,6 +90,7 @@ def main(argv):
   if config is None:
     raise app.UsageError('--config is required, e.g. --config configs/glm_130b.py')
   try:
+    from glm_jax.sharding import parse_mesh
     sizes = parse_mesh(_MESH.value, config.mesh)
     rows = parameter_table(config, sizes)
   except ValueError as e:

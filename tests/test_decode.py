@@ -252,3 +252,25 @@ def test_2d_positions_cached_equals_full_forward(setup):
     assert len(out.tokens[b]) == N_GEN
     for j in range(N_GEN):
       _assert_close(out.debug['logits'][j, b], full[b][j])
+
+
+def test_decoding_on_a_mesh_equals_one_device(setup):
+  """Decoding with the weights split over 'tensor' (heads, GeGLU width, vocabulary) and the batch over 'data' gives
+  one device's per-step logits and tokens, for greedy and beam search."""
+  from glm_jax import sharding
+  _, params, decoder, _, prompts = setup
+  config = load_config('tiny', **PARITY_MODEL)
+  config.mesh.data, config.mesh.tensor = 2, 4
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(config)
+  on_mesh = D.Decoder(decoder.model, config.model, mesh=mesh, rules=rules)
+  split = on_mesh.decode_params(params)
+  assert split['layers_0']['mlp']['h_to_4h_kernel'].sharding.spec[1] == 'tensor'  # [2, F, D]: F over 'tensor'
+  assert split['word_embeddings'].sharding.spec[0] == 'tensor'
+  contexts, mask_positions, gmask = _unzip(prompts[:2])
+  for strategy in (D.GREEDY, BeamSearchConfig(num_beams=3, consider_end=True, deterministic=True)):
+    ref, out = (d.generate(params, contexts, mask_positions, gmask, max_gen_length=6, strategy=strategy,
+                           return_debug=True) for d in (decoder, on_mesh))
+    _assert_close(out.debug['logits'], ref.debug['logits'])
+    assert out.tokens == ref.tokens and out.beams == ref.beams
+  with pytest.raises(ValueError, match='both mesh and rules'):
+    D.Decoder(decoder.model, config.model, mesh=mesh)

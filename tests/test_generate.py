@@ -329,7 +329,9 @@ def test_cli_errors_in_process(capsys, checkpoint, tok, tmp_path):
             f'{long_file} line 2: prompt is {n} tokens, longer than the maximum {OUT - 2}'),
            (['--checkpoint', checkpoint, '--bogus'], 'unrecognized arguments: --bogus'),
            (['--checkpoint', checkpoint, '--top_k', 'x'], "invalid int value: 'x'"),
-           (['--checkpoint', checkpoint, '--sampling-strategy', 'Greedy'], 'invalid choice')]
+           (['--checkpoint', checkpoint, '--sampling-strategy', 'Greedy'], 'invalid choice'),
+           (['--checkpoint', checkpoint, '--mesh', 'tensor=two'], "--mesh tensor=two: --mesh: bad entry 'tensor=two'"),
+           (['--checkpoint', checkpoint, '--mesh', 'tensor=16'], 'needs 16 devices, but 8 are available')]
   for argv, message in cases:
     try:
       status = cli.main([str(a) for a in argv])
@@ -339,6 +341,19 @@ def test_cli_errors_in_process(capsys, checkpoint, tok, tmp_path):
     assert status == 2, (argv, err)
     assert err.count('\n') == 1 and err.startswith('generate.py: error: ') and message in err, (argv, err)
   assert not (tmp_path / 'out').exists()  # nothing written or created
+
+
+def test_generator_on_a_mesh(checkpoint, gen):
+  """Generator.load(mesh=...): weights split over 'tensor', prompts over 'data'; the same answers and scores."""
+  from glm_jax import sharding
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=2, stage=1), jax.devices()[:4])
+  on_mesh = Generator.load(checkpoint, mesh=mesh)
+  assert on_mesh.params['layers']['attention']['qkv_kernel'].sharding.spec[2] == 'tensor'  # [L, D, N, 3, H]
+  prompts = ['The king [MASK] and the queen.', 'First Citizen:']
+  kw = dict(out_seq_length=48, top_k=1)
+  assert on_mesh.generate(prompts, **kw) == gen.generate(prompts, **kw)
+  np.testing.assert_allclose(on_mesh.log_probs('The king', [' and', ' the queen']),
+                             gen.log_probs('The king', [' and', ' the queen']), rtol=1e-5, atol=1e-5)
 
 
 def test_cli_subprocess_error_exit():

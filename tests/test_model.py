@@ -180,8 +180,8 @@ def test_logits_index_reads_one_row_per_sequence(small_model):
 
 
 @pytest.mark.parametrize('rows', [1, model_lib.OUTPUT_MAJOR_MAX_ROWS, model_lib.OUTPUT_MAJOR_MAX_ROWS + 1])
-@pytest.mark.parametrize('fused_bias', [True, False])
-def test_output_major_projection_on_both_sides_of_the_row_threshold(rows, fused_bias):
+@pytest.mark.parametrize('fused_bias,flat', [(True, True), (False, False)])
+def test_output_major_projection_on_both_sides_of_the_row_threshold(rows, fused_bias, flat):
   """An [O, I] kernel is applied as kernel @ x.T up to OUTPUT_MAJOR_MAX_ROWS rows (the fast decode-step product on
   CPU) and as x @ kernel.T above: both are x @ kernel.T (+ bias), in value and in gradient."""
   rng = np.random.default_rng(rows)
@@ -190,7 +190,8 @@ def test_output_major_projection_on_both_sides_of_the_row_threshold(rows, fused_
   bias = rng.standard_normal((2, 5)).astype(np.float32)
 
   def f(x, kernel, bias):
-    return model_lib.project('bsi,igo->bsgo', x, kernel, bias, n_in=1, layout='out_in', fused_bias=fused_bias)
+    return model_lib.project('bsi,igo->bsgo', x, kernel, bias, n_in=1, layout='out_in', fused_bias=fused_bias,
+                             flat=flat)
 
   y = np.asarray(f(x, kernel, bias))
   ref = np.einsum('bsi,goi->bsgo', x.astype(np.float64), kernel.astype(np.float64)) + bias

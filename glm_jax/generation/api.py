@@ -34,6 +34,7 @@ Not thread-safe: one call at a time per Generator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax import layouts
+from glm_jax import layouts, sharding
+from glm_jax.config import default_config
 from glm_jax.generation import blanks as blanks_lib
 from glm_jax.generation import sampling as sampling_lib
 from glm_jax.generation.beam_search import BeamSearchConfig
@@ -162,8 +164,8 @@ class _StreamingDecoder(Decoder):
   search is not reported.
   """
 
-  def __init__(self, model, config_model):
-    super().__init__(model, config_model)
+  def __init__(self, model, config_model, **mesh):
+    super().__init__(model, config_model, **mesh)
     self.listener: Callable | None = None
     self._error: BaseException | None = None
 
@@ -203,7 +205,9 @@ class _StreamingDecoder(Decoder):
 class Generator:
   """A model, its parameters and tokenizer, with compiled programs cached on the instance (see module docstring)."""
 
-  def __init__(self, params, config, tokenizer: GLMTokenizer):
+  def __init__(self, params, config, tokenizer: GLMTokenizer, *, mesh=None):
+    """config: the run config (its axis_rules place the weights on `mesh`) or a model config. mesh: an optional
+    device mesh (sharding.make_mesh) to decode and score on, the weights split by the axis rules."""
     self.config = config
     self.model_config = GLMConfig.make(config.model if hasattr(config, 'model') else config)
     if tokenizer.vocab_size > self.model_config.vocab_size:
@@ -211,20 +215,35 @@ class Generator:
                        f'{self.model_config.vocab_size} embedding rows')
     self.tokenizer = tokenizer
     self.model = GLM(self.model_config)
-    self.params = jax.device_put(params)
+    self._mesh = {}
+    if mesh is not None:
+      rules = sharding.axis_rules(config if hasattr(config, 'axis_rules') else default_config())
+      self._mesh = dict(mesh=mesh, rules=rules)
+      self.params = jax.device_put(params, sharding.param_shardings(self.model, self.model_config, mesh, rules))
+    else:
+      self.params = jax.device_put(params)
     self.special_ids = blanks_lib.special_ids(tokenizer)
-    self._decoder = Decoder(self.model, self.model_config)
+    self._decoder = Decoder(self.model, self.model_config, **self._mesh)
     self._streaming_decoder: _StreamingDecoder | None = None
     self._score = jax.jit(self._score_impl)
 
   @classmethod
-  def load(cls, checkpoint: str | Path, tokenizer: str | Path | GLMTokenizer | None = None) -> 'Generator':
+  def load(cls, checkpoint: str | Path, tokenizer: str | Path | GLMTokenizer | None = None, *,
+           mesh=None) -> 'Generator':
     """From a glm-jax model checkpoint or a training run directory (model_io.load_model). The tokenizer defaults to
-    <checkpoint>/tokenizer.model (a training run keeps its tokenizer there); ValueError naming what is missing."""
+    <checkpoint>/tokenizer.model (a training run keeps its tokenizer there); ValueError naming what is missing.
+    mesh: as for the constructor; the weights are placed on it as they are loaded."""
     from glm_jax.model_io import load_model
-    tok, _ = load_tokenizer_and_config(checkpoint, tokenizer)
-    params, config = load_model(checkpoint)
-    return cls(params, config, tok)
+    tok, config = load_tokenizer_and_config(checkpoint, tokenizer)
+    shardings = None
+    if mesh is not None:
+      model_config = GLMConfig.make(config.model)
+      shardings = sharding.param_shardings(GLM(model_config), model_config, mesh, sharding.axis_rules(config))
+    params, config = load_model(checkpoint, shardings=shardings)
+    return cls(params, config, tok, mesh=mesh)
+
+  def _on_mesh(self):
+    return sharding.activate(**self._mesh) if self._mesh else contextlib.nullcontext()
 
   @property
   def max_sequence_length(self) -> int:
@@ -241,7 +260,7 @@ class Generator:
     if on_tokens is None:
       return self._decoder.generate(self.params, contexts, mask_positions, use_gmask, **kwargs)
     if self._streaming_decoder is None:
-      self._streaming_decoder = _StreamingDecoder(self.model, self.model_config)
+      self._streaming_decoder = _StreamingDecoder(self.model, self.model_config, **self._mesh)
     return self._streaming_decoder.generate(self.params, contexts, mask_positions, use_gmask, on_tokens=on_tokens,
                                             **kwargs)
 
@@ -322,7 +341,9 @@ class Generator:
     r = bucket_length(len(rows))
     rows = np.pad(rows, (0, r - len(rows)))
     targets = np.pad(targets, (0, r - len(targets)))
-    logp = np.asarray(jax.device_get(self._score(self.params, tokens, positions, mask[None, None], rows, targets)))
+    with self._on_mesh():
+      logp = self._score(self.params, tokens, positions, mask[None, None], rows, targets)
+    logp = np.asarray(jax.device_get(logp))
     out, start = [], 0
     for c in lay.choice_targets:
       out.append(float(np.sum(logp[start:start + len(c)], dtype=np.float64)))

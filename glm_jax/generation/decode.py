@@ -21,7 +21,8 @@ the longest context, G = the smallest that holds max_gen_length (or the caller's
 lengths and max_gen_length fall in the same buckets reuse one compiled program.
 
 Weights: `generate` takes params in the checkpoint layout and runs a copy in the decoder's own layout (per-layer arrays,
-output-major kernels: `Decoder.decode_params`), made once per params object and kept for the last one seen.
+output-major kernels: `Decoder.decode_params`), made once per params object and kept for the last one seen. With
+`Decoder(..., mesh=, rules=)` that copy is placed on the mesh by the axis rules and the programs run under it.
 
 Compile cache: one `jax.jit` per Decoder; its cache key is (params shapes, batch B, P, G, strategy, debug); all the
 rest (tokens, positions, masks, context lengths, max_gen_length, min_gen_length, end tokens, forced tokens, seed) is
@@ -41,6 +42,7 @@ Randomness: the step-i key is `fold_in(PRNGKey(seed), i)`; the same seed, prompt
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from typing import Any, Sequence
 
@@ -48,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax import layouts
+from glm_jax import layouts, sharding
 from glm_jax.generation import beam_search as beam_lib
 from glm_jax.generation import sampling as sampling_lib
 from glm_jax.model import GLM, GLMConfig, init_cache, take_cache_rows, to_out_in_kernels, unstack_layers
@@ -186,14 +188,24 @@ def _take_last(x, i):
 class Decoder:
   """Holds the jit-compiled prefill + decode loop for one model; reuse it across calls (see module docstring)."""
 
-  def __init__(self, model, config_model):
+  def __init__(self, model, config_model, *, mesh=None, rules=None):
+    """mesh / rules (sharding.make_mesh, sharding.axis_rules): decode on a device mesh. The decoder's weights are
+    placed by the rules (e.g. heads, GeGLU width and vocabulary over 'tensor'), the batch and the cache follow the
+    model's activation constraints, and each program runs under the mesh. Without a mesh: the default device."""
     self.model = model
     self.cfg = GLMConfig.make(config_model)
     # Decoding runs its own layout of the same weights (`decode_params`): per-layer arrays instead of a stacked one (no
     # per-layer copy out of the stack at every step; each layer's cache updated in place) and output-major kernels.
     self._decode_model = GLM(dataclasses.replace(self.cfg, scan_layers=False, kernel_layout='out_in',
                                                  remat_policy='none'))
-    self._to_decode_layout = jax.jit(lambda p: to_out_in_kernels(unstack_layers(p)))
+    if (mesh is None) != (rules is None):
+      raise ValueError('Decoder: give both mesh and rules (sharding.make_mesh, sharding.axis_rules), or neither')
+    self.mesh, self.rules = mesh, rules
+    out_shardings = None
+    if mesh is not None:
+      out_shardings = sharding.shardings_for(sharding.abstract_params(self._decode_model, self._decode_model.config),
+                                             mesh, rules)
+    self._to_decode_layout = jax.jit(lambda p: to_out_in_kernels(unstack_layers(p)), out_shardings=out_shardings)
     self._last_params = self._last_decode_params = None
     self.trace_counts: collections.Counter = collections.Counter()
     self._run = jax.jit(self._program, static_argnames=('strategy', 'gen_bucket', 'debug'))
@@ -275,7 +287,9 @@ class Decoder:
         last = [int(x) for x in seq[-m:]]
         tail[i, m - len(last):] = last
       inputs['context_tail'] = tail
-    out = self._run(self.decode_params(params), inputs, strategy=strategy, gen_bucket=g, debug=return_debug)
+    decode_params = self.decode_params(params)
+    with contextlib.nullcontext() if self.mesh is None else sharding.activate(self.mesh, self.rules):
+      out = self._run(decode_params, inputs, strategy=strategy, gen_bucket=g, debug=return_debug)
     out = jax.device_get(out)
     debug = None
     if return_debug:
