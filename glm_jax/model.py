@@ -447,7 +447,8 @@ class GLM(nn.Module):
       x_BxSxD = jnp.take_along_axis(x_BxSxD, logits_index[:, None, None], axis=1)
     x_BxSxD = LayerNorm(cfg, name='final_layernorm')(x_BxSxD)
     # The tied [V, D] embedding is an output-major kernel.
-    logits_BxSxV = project('bsd,dv->bsv', x_BxSxD, embedding_VxD, None, n_in=1, layout='out_in', fused_bias=True).astype(jnp.float32)
+    logits_BxSxV = project('bsd,dv->bsv', x_BxSxD, embedding_VxD, None, n_in=1, layout='out_in',
+                           fused_bias=True).astype(jnp.float32)
     logits_BxSxV = _constrain(logits_BxSxV, ('batch', 'length', 'act_vocab'))
     if cache is None:
       return logits_BxSxV

@@ -238,7 +238,7 @@ def main(argv=None) -> int:
       try:
         mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, config.mesh))
       except ValueError as e:
-        raise UsageError(f'--mesh {args.mesh}: {e}') from None
+        raise UsageError(e if str(e).startswith('--mesh') else f'--mesh {args.mesh}: {e}') from None
     gen = api.Generator.load(args.checkpoint, tokenizer, mesh=mesh)
     if records is not None:
       return run_file(gen, records, options, args)

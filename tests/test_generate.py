@@ -330,7 +330,7 @@ def test_cli_errors_in_process(capsys, checkpoint, tok, tmp_path):
            (['--checkpoint', checkpoint, '--bogus'], 'unrecognized arguments: --bogus'),
            (['--checkpoint', checkpoint, '--top_k', 'x'], "invalid int value: 'x'"),
            (['--checkpoint', checkpoint, '--sampling-strategy', 'Greedy'], 'invalid choice'),
-           (['--checkpoint', checkpoint, '--mesh', 'tensor=two'], "--mesh tensor=two: --mesh: bad entry 'tensor=two'"),
+           (['--checkpoint', checkpoint, '--mesh', 'tensor=two'], "--mesh: bad entry 'tensor=two'"),
            (['--checkpoint', checkpoint, '--mesh', 'tensor=16'], 'needs 16 devices, but 8 are available')]
   for argv, message in cases:
     try:
