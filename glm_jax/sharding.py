@@ -70,8 +70,11 @@ def axis_rules(config) -> tuple[tuple[str, Any], ...]:
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules):
-  """Within this block, the model's activation constraints resolve against `mesh` and `rules`."""
+def activate(mesh: Mesh | None, rules):
+  """Within this block, the model's activation constraints resolve against `mesh` and `rules` (mesh None: no-op)."""
+  if mesh is None:
+    yield
+    return
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 

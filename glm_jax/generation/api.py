@@ -34,7 +34,6 @@ Not thread-safe: one call at a time per Generator.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -215,7 +214,7 @@ class Generator:
                        f'{self.model_config.vocab_size} embedding rows')
     self.tokenizer = tokenizer
     self.model = GLM(self.model_config)
-    self._mesh = {}
+    self._mesh = dict(mesh=None, rules=None)
     if mesh is not None:
       rules = sharding.axis_rules(config if hasattr(config, 'axis_rules') else default_config())
       self._mesh = dict(mesh=mesh, rules=rules)
@@ -232,18 +231,11 @@ class Generator:
            mesh=None) -> 'Generator':
     """From a glm-jax model checkpoint or a training run directory (model_io.load_model). The tokenizer defaults to
     <checkpoint>/tokenizer.model (a training run keeps its tokenizer there); ValueError naming what is missing.
-    mesh: as for the constructor; the weights are placed on it as they are loaded."""
+    mesh: as for the constructor; the weights go from the host straight to their shards."""
     from glm_jax.model_io import load_model
-    tok, config = load_tokenizer_and_config(checkpoint, tokenizer)
-    shardings = None
-    if mesh is not None:
-      model_config = GLMConfig.make(config.model)
-      shardings = sharding.param_shardings(GLM(model_config), model_config, mesh, sharding.axis_rules(config))
-    params, config = load_model(checkpoint, shardings=shardings)
+    tok, _ = load_tokenizer_and_config(checkpoint, tokenizer)
+    params, config = load_model(checkpoint)  # numpy arrays on the host; the constructor places them
     return cls(params, config, tok, mesh=mesh)
-
-  def _on_mesh(self):
-    return sharding.activate(**self._mesh) if self._mesh else contextlib.nullcontext()
 
   @property
   def max_sequence_length(self) -> int:
@@ -341,7 +333,7 @@ class Generator:
     r = bucket_length(len(rows))
     rows = np.pad(rows, (0, r - len(rows)))
     targets = np.pad(targets, (0, r - len(targets)))
-    with self._on_mesh():
+    with sharding.activate(**self._mesh):
       logp = self._score(self.params, tokens, positions, mask[None, None], rows, targets)
     logp = np.asarray(jax.device_get(logp))
     out, start = [], 0

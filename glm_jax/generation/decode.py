@@ -42,7 +42,6 @@ Randomness: the step-i key is `fold_in(PRNGKey(seed), i)`; the same seed, prompt
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 from typing import Any, Sequence
 
@@ -288,7 +287,7 @@ class Decoder:
         tail[i, m - len(last):] = last
       inputs['context_tail'] = tail
     decode_params = self.decode_params(params)
-    with contextlib.nullcontext() if self.mesh is None else sharding.activate(self.mesh, self.rules):
+    with sharding.activate(self.mesh, self.rules):
       out = self._run(decode_params, inputs, strategy=strategy, gen_bucket=g, debug=return_debug)
     out = jax.device_get(out)
     debug = None
