@@ -61,11 +61,12 @@ def _latest_run_step(run_dir: Path) -> Path:
   return ckpts / str(steps[-1]) / 'state'
 
 
-def load_model(path: str | Path, *, shardings=None):
+def load_model(path: str | Path, *, mesh=None):
   """(params, config) from a model checkpoint or a training run directory.
 
-  shardings: an optional pytree of shardings (e.g. sharding.param_shardings(...)) to place the parameters on a
-  mesh; by default they land on the default device.
+  Only the parameters are read (a training run's optimizer state stays on disk). mesh: an optional device mesh
+  (sharding.make_mesh); each parameter is then read straight into its shards, placed by the config's axis rules,
+  so no host ever holds the whole model. Without a mesh: numpy arrays on the host.
   """
   path = Path(path)
   if not path.exists():
@@ -77,12 +78,38 @@ def load_model(path: str | Path, *, shardings=None):
   else:
     raise ValueError(f'{path}: not a glm-jax checkpoint (expected config.json with params/ or checkpoints/)')
   with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(params_dir.resolve())
-  params = restored[subtree] if subtree else restored
-  params = jax.tree.map(np.asarray, params)
-  if shardings is not None:
-    params = jax.device_put(params, shardings)
-  return params, config
+    stored = checkpointer.metadata(params_dir.resolve()).item_metadata.tree
+    if subtree is not None and subtree not in stored:
+      raise ValueError(f'{params_dir}: no {subtree!r} in this checkpoint')
+    stored = stored[subtree] if subtree else stored
+    if mesh is None:
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+    else:
+      target, restore_args = _sharded_targets(stored, config, mesh, params_dir)
+    if subtree is not None:
+      target, restore_args = {subtree: target}, {subtree: restore_args}
+    restored = checkpointer.restore(params_dir.resolve(), args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=subtree is not None))
+  return (restored[subtree] if subtree else restored), config
+
+
+def _sharded_targets(stored, config, mesh, params_dir: Path):
+  """Restore targets placing each stored parameter on `mesh` by the config's axis rules (sharding.param_shardings)."""
+  import flax.linen as nn
+
+  from glm_jax import sharding
+  from glm_jax.model import GLM
+
+  model = GLM(config.model)
+  boxed = sharding.abstract_params(model, config.model)
+  expected = nn.meta.unbox(boxed)
+  if jax.tree.structure(expected) != jax.tree.structure(stored) or any(
+      tuple(e.shape) != tuple(m.shape) for e, m in zip(jax.tree.leaves(expected), jax.tree.leaves(stored))):
+    raise ValueError(f'{params_dir}: the stored parameters do not match the model its config.json describes')
+  shardings = sharding.shardings_for(boxed, mesh, sharding.axis_rules(config))
+  targets = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), stored, shardings)
+  return targets, jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -154,6 +154,43 @@ def test_a_half_written_checkpoint_is_never_picked(uninterrupted, run_inputs, tm
     np.testing.assert_array_equal(a, b)
 
 
+def test_load_model_reads_the_run_parameters_onto_a_mesh(uninterrupted):
+  """model_io.load_model on a run directory: the latest parameters alone, as host arrays or straight into their
+  shards on a mesh (placed by the run config's axis rules), equal to the saved training state's."""
+  import jax
+
+  from glm_jax import model_io, sharding
+  from glm_jax.model import GLM
+  want, _ = _final_params(uninterrupted[0])
+  host, config = model_io.load_model(uninterrupted[0])
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2, stage=1), jax.devices()[:4])
+  placed, _ = model_io.load_model(uninterrupted[0], mesh=mesh)
+  shardings = sharding.param_shardings(GLM(config.model), config.model, mesh, sharding.axis_rules(config))
+  assert jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding == s, placed, shardings)) == \
+      [True] * len(jax.tree.leaves(want))
+  assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))  # something is split
+  for a, b, c in zip(_flat(want), _flat(host), _flat(placed)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+def test_load_model_names_a_config_that_does_not_fit_the_parameters(uninterrupted, tmp_path):
+  import shutil
+
+  import jax
+
+  from glm_jax import model_io, sharding
+  workdir = tmp_path / 'edited'
+  shutil.copytree(uninterrupted[0], workdir)
+  config = json.loads((workdir / 'config.json').read_text())
+  config['model']['inner_hidden_size'] += 8
+  (workdir / 'config.json').write_text(json.dumps(config))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=2, stage=1), jax.devices()[:2])
+  with pytest.raises(ValueError, match='the stored parameters do not match the model its config.json describes'):
+    model_io.load_model(workdir, mesh=mesh)
+
+
 def test_bad_flags_give_one_line_and_exit_2(run_inputs, tmp_path):
   proc = subprocess.run(_command(tmp_path / 'bad', *run_inputs, NO_TB, '--config.data.corpus_paths=/no/such/dir'),
                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)

@@ -231,10 +231,10 @@ class Generator:
            mesh=None) -> 'Generator':
     """From a glm-jax model checkpoint or a training run directory (model_io.load_model). The tokenizer defaults to
     <checkpoint>/tokenizer.model (a training run keeps its tokenizer there); ValueError naming what is missing.
-    mesh: as for the constructor; the weights go from the host straight to their shards."""
+    mesh: as for the constructor; each weight is read straight into its shards (no host holds the whole model)."""
     from glm_jax.model_io import load_model
     tok, _ = load_tokenizer_and_config(checkpoint, tokenizer)
-    params, config = load_model(checkpoint)  # numpy arrays on the host; the constructor places them
+    params, config = load_model(checkpoint, mesh=mesh)  # already placed: the constructor's device_put keeps them
     return cls(params, config, tok, mesh=mesh)
 
   @property
