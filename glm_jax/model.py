@@ -20,6 +20,7 @@ main activations carry logical axis names, mapped to mesh axes by `config.axis_r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax import rope
+from glm_jax import cpu_decode_attention, rope
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 MASKED_SCORE = -10000.0  # SAT's fill value for masked attention scores
@@ -282,6 +283,22 @@ def project(eq, x, kernel, bias, *, n_in, layout, fused_bias, flat=False):
   return y.reshape(lead + out_shape)
 
 
+def attention_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, heads, dropout=None):
+  """softmax(q.k * c) v for each row r = b*N + n of N `heads` per sequence (q already divided by sqrt(H)*c), a masked
+  score set to MASKED_SCORE*c as SAT does; the scores in fp32, the probabilities in q's dtype, `dropout` on them."""
+  r, s, _ = q_RxSxH.shape
+  t = k_RxTxH.shape[1]
+  scores_RxSxT = jnp.einsum('rsh,rth->rst', q_RxSxH, k_RxTxH,
+                            preferred_element_type=jnp.float32).astype(q_RxSxH.dtype)
+  scores_BxNxSxT = scores_RxSxT.reshape(r // heads, heads, s, t).astype(jnp.float32) * c
+  scores_BxNxSxT = jnp.where(mask_Bx1xSxT, scores_BxNxSxT, MASKED_SCORE * c)
+  probs_BxNxSxT = jax.nn.softmax(scores_BxNxSxT, axis=-1).astype(q_RxSxH.dtype)
+  if dropout is not None:
+    probs_BxNxSxT = dropout(probs_BxNxSxT)
+  return jnp.einsum('rst,rth->rsh', probs_BxNxSxT.reshape(r, s, t), v_RxTxH,
+                    preferred_element_type=jnp.float32).astype(q_RxSxH.dtype)
+
+
 class Attention(nn.Module):
   cfg: GLMConfig
   deterministic: bool = True
@@ -322,14 +339,12 @@ class Attention(nn.Module):
     # Query-key layer scaling: divide q by sqrt(H)*c in the compute dtype, multiply the scores by c in fp32.
     c = (layer_id + 1).astype(jnp.float32)
     q_RxSxH = q_RxSxH / (math.sqrt(h) * c).astype(q_RxSxH.dtype)
-    scores_RxSxT = jnp.einsum('rsh,rth->rst', q_RxSxH, k_RxTxH,
-                              preferred_element_type=jnp.float32).astype(q_RxSxH.dtype)
-    scores_BxNxSxT = scores_RxSxT.reshape(b, n, s, -1).astype(jnp.float32) * c
-    scores_BxNxSxT = jnp.where(mask_Bx1xSxT, scores_BxNxSxT, MASKED_SCORE * c)
-    probs_BxNxSxT = jax.nn.softmax(scores_BxNxSxT, axis=-1).astype(q_RxSxH.dtype)
-    probs_BxNxSxT = nn.Dropout(cfg.attention_dropout)(probs_BxNxSxT, deterministic=self.deterministic)
-    ctx_RxSxH = jnp.einsum('rst,rth->rsh', probs_BxNxSxT.reshape(b * n, s, -1), v_RxTxH,
-                           preferred_element_type=jnp.float32).astype(q_RxSxH.dtype)
+    dropout = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=self.deterministic)
+    if cache_kv is not None and s == 1 and self.deterministic:  # a decode step: a CPU kernel where it applies
+      ctx_RxSxH = cpu_decode_attention.decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n,
+                                                      reference=attention_context)
+    else:
+      ctx_RxSxH = attention_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n, dropout)
     ctx_BxSxNxH = jnp.swapaxes(ctx_RxSxH.reshape(b, n, s, h), 1, 2)
     ctx_BxSxNxH = _constrain(ctx_BxSxNxH, ('batch', 'length', 'act_heads', None))
     out_BxSxD = project('bsnh,nhd->bsd', ctx_BxSxNxH, out_kernel, out_bias, n_in=2, layout=layout, fused_bias=False,
