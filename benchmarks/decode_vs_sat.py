@@ -9,9 +9,11 @@ Not part of CI. What it does, in one process:
   1. threads: --threads 1 (default) pins the process to one core with os.sched_setaffinity before numpy, torch and
      jax start any thread, and asks every framework for one thread (XLA_FLAGS --xla_cpu_multi_thread_eigen=false,
      torch.set_num_threads(1), OMP/OPENBLAS/MKL_NUM_THREADS=1), as benchmarks/forward_vs_sat.py does. --threads 2
-     gives both frameworks (and the bandwidth probes) the whole 2-core machine instead. Decode is memory-bound, so
-     both are fair; one core is the default because the machine is shared with other workers, and a 2-thread matvec
-     waits for its slower half whenever another process holds the second core (much noisier timings);
+     gives both frameworks (and the probes) the whole 2-core machine instead. Both are fair (the same threads for
+     both frameworks); one core is the default because the machine is shared with other workers, and a 2-thread
+     matvec waits for its slower half whenever another process holds the second core (noisier timings). At batch 8
+     one core is as much compute-bound as memory-bound (the flops lines of the report), so there the whole machine
+     does markedly better;
   2. builds SAT's GLM130B at configs/small.py with random weights (std 0.02, tests/sat_reference.py), negates
      final_layernorm.weight as tests/test_decode.py does (with tied embeddings a random model otherwise greedily
      repeats one token forever; negated, it emits varied tokens), and converts the state dict for glm-jax;
@@ -25,7 +27,7 @@ Not part of CI. What it does, in one process:
      first (no end tokens: every row generates all N tokens);
   5. parity: both generate N tokens per row from the same prompts; the agreement is reported (prefix that agrees, and
      SAT's top-2 logit margin where they first differ: random weights make near-ties possible);
-  6. timing: rounds of (glm-jax N tokens, glm-jax M tokens, SAT N tokens, bandwidth probes), the order of the two
+  6. timing: rounds of (glm-jax N tokens, glm-jax M tokens, SAT N tokens, probes), the order of the two
      frameworks alternating between rounds, so that all of them share the machine's noise. Two scopes:
        full call: prefill + the first token + N-1 decode steps, on both sides (glm-jax: the whole generate call,
          host-side batch building included; SAT: the whole loop); tokens/s = B*N / time;
@@ -42,6 +44,9 @@ Not part of CI. What it does, in one process:
        the tokens generated so far, averaged over the N-1 steps). glm-jax's cache is padded (P + G columns, all read
        every step); the bound counts only what a step needs;
      bound tokens/s = B / (bytes per step / bandwidth): at batch 8 the same weight bytes serve 8 tokens per step.
+     Beside it, the compute a step needs at the peak FLOP/s (jax's best fp32 2048^3 matmul in the same rounds):
+     2 * B * parameters + 4 * D * L per attended key per row; when that is close to the bandwidth bound (batch 8 on
+     one core), a step can only reach the bound if its products overlap their weight streaming completely.
 
 Reported per batch: SAT and glm-jax tokens/s, glm-jax/SAT, and each one's fraction of the bound (decode phase).
 The machine is shared: read the ratios, not the absolute numbers. Exit status 0 unless the parity check fails
@@ -224,11 +229,12 @@ def sat_generate(torch, model, update_mems, batch, n_new, margins=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Bandwidth probes
+# Bandwidth and FLOP/s probes
 
 
-class Bandwidth:
-  """fp32 matvec streaming rates (numpy / torch / jax) and a numpy copy rate; keeps the best seen of each."""
+class Probes:
+  """fp32 matvec streaming rates (numpy / torch / jax), a numpy copy rate and jax's fp32 matmul FLOP/s on a square
+  2048 x 2048 product (the peak); keeps the best seen of each."""
 
   def __init__(self, np, torch, jax, jnp, mb, seed):
     n = int((mb * 2 ** 20 / 4) ** 0.5)
@@ -255,11 +261,18 @@ class Bandwidth:
         'copy numpy (read+write)': (lambda: np.copyto(dst, src), 2),
     }
     self.best = {k: 0.0 for k in self.probes}
+    a = jnp.asarray(rng.standard_normal((2048, 2048), dtype=np.float32))
+    mm = jax.jit(jnp.matmul)
+    mm(a, a).block_until_ready()
+    self.matmul = lambda: mm(a, a).block_until_ready()
+    self.peak_flops = 0.0
 
   def probe(self):
     for k, (fn, factor) in self.probes.items():
       _, w, _ = timed(fn)
       self.best[k] = max(self.best[k], factor * self.nbytes / w)
+    _, w, _ = timed(self.matmul)
+    self.peak_flops = max(self.peak_flops, 2 * 2048 ** 3 / w)
 
   @property
   def bandwidth(self):
@@ -335,7 +348,7 @@ def main(argv=None):
         f'F={cfg.inner_hidden_size} V={cfg.vocab_size}, {n_params / 1e6:.1f}M parameters ({weight_bytes / 1e6:.0f} MB '
         f'fp32); SAT built and converted in {time.perf_counter() - t0:.1f} s')
 
-  bw = Bandwidth(np, torch, jax, jnp, args.bw_mb, args.seed)
+  bw = Probes(np, torch, jax, jnp, args.bw_mb, args.seed)
   for _ in range(2):
     bw.probe()
 
@@ -448,6 +461,15 @@ def main(argv=None):
           f'= {step_bytes / 1e6:.1f} MB -> bound {r["bound_step"] * 1e3:.2f} ms/step = {r["bound_tps"]:.1f} tokens/s; '
           f'(glm-jax\'s padded cache, P={r["p_bucket"]} + G={g_bucket} columns, is {r["kv_bytes_jax"] / 1e6:.1f} MB)')
 
+  print(f'flops per decode step: 2*B*{n_params / 1e6:.1f}M for the weight products + 4*D per attended key per row; '
+        f'at the peak, jax\'s best fp32 2048x2048 matmul over the rounds ({bw.peak_flops / 1e9:.1f} GFLOP/s):')
+  for r in results:
+    flops = 2 * r['b'] * n_params + 4 * cfg.hidden_size * cfg.num_layers * r['kv_bytes'] / kv_bytes_per_key
+    r['compute_step'] = flops / bw.peak_flops
+    both = (max(r['bound_step'], r['compute_step']), r['bound_step'] + r['compute_step'])
+    print(f'  batch {r["b"]}: {flops / 1e9:.2f} GFLOP -> {r["compute_step"] * 1e3:.1f} ms/step at the peak; with the '
+          f'bandwidth bound, {both[0] * 1e3:.1f} ms/step if compute and memory traffic overlap fully, '
+          f'{both[1] * 1e3:.1f} if they never do')
   print(f'\ntokens/s, medians of {args.repeats} interleaved rounds (wall time). "full": the whole call, prefill + '
         f'{n_new} tokens (B*{n_new} / time, both sides); "decode": B / (time of one decode step), prefill excluded. '
         f'jax/SAT "paired": median of the per-round ratios. "of bound": decode tokens/s / bound tokens/s.')
