@@ -17,7 +17,8 @@ namespace {
 
 constexpr int kAhead = 16;  // columns prefetched ahead of the one in use
 
-// exp(x) for 8 floats: x = n*ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial (about 1 ulp), 2^n by exponent bits.
+// exp(x) for 8 floats: x = n*ln2 + r with |r| <= ln2/2, e^r = 1 + r + r^2 P(r) with P of degree 5 (the Cephes expf
+// coefficients, about 1 ulp), 2^n through the exponent bits; below about -87.3 the result is 0.
 inline __m256 exp8(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
   __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
@@ -187,7 +188,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || md[1] != kd[1] || md[0] == 0 || kd[0] % md[0] != 0 ||
       kd[2] % 8 != 0 || kd[1] == 0 || scale.element_count() != 1)
     return ffi::Error::InvalidArgument(
-        "glm_decode_attention: expected q [R, H], k and v [R, T, H], mask [B, T] with B dividing R, H a multiple of "
+        "glm_jax_decode_attention: expected q [R, H], k and v [R, T, H], mask [B, T] with B dividing R, H a multiple of "
         "8, and a scalar scale");
   auto shared = std::make_shared<Shared>();
   shared->problem = Problem{q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(),

@@ -10,8 +10,8 @@ lies within ~88 of the fill; the kernel then falls back to attending over every 
 
 The kernel is compiled on first use with the system C++ compiler ($CXX, else g++) against jax's FFI headers and
 cached under $GLM_JAX_CACHE (default ~/.cache/glm_jax). It needs an x86-64 CPU with AVX2 and FMA. Without a compiler
-or such a CPU, or with GLM_JAX_CPU_KERNELS=0, the decode step keeps XLA's attention (a warning says why, once);
-so does any step on another platform, under a device mesh, or in a dtype other than float32.
+or such a CPU, or with GLM_JAX_CPU_KERNELS=0, the decode step keeps XLA's attention (a failed build says why in a
+warning, once); so does any step on another platform, under a device mesh, or in a dtype other than float32.
 """
 
 from __future__ import annotations

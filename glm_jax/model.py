@@ -339,6 +339,7 @@ class Attention(nn.Module):
     # Query-key layer scaling: divide q by sqrt(H)*c in the compute dtype, multiply the scores by c in fp32.
     c = (layer_id + 1).astype(jnp.float32)
     q_RxSxH = q_RxSxH / (math.sqrt(h) * c).astype(q_RxSxH.dtype)
+    # (made on both paths, so that the hidden dropout below keeps its module name and random stream)
     dropout = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=self.deterministic)
     if cache_kv is not None and s == 1 and self.deterministic:  # a decode step: a CPU kernel where it applies
       ctx_RxSxH = cpu_decode_attention.decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n,
