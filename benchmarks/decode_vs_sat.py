@@ -461,7 +461,7 @@ def main(argv=None):
           f'= {step_bytes / 1e6:.1f} MB -> bound {r["bound_step"] * 1e3:.2f} ms/step = {r["bound_tps"]:.1f} tokens/s; '
           f'(glm-jax\'s padded cache, P={r["p_bucket"]} + G={g_bucket} columns, is {r["kv_bytes_jax"] / 1e6:.1f} MB)')
 
-  print(f'flops per decode step: 2*B*{n_params / 1e6:.1f}M for the weight products + 4*D per attended key per row; '
+  print(f'flops per decode step: 2*B*{n_params / 1e6:.1f}M for the weight products + 4*D*L per attended key per row; '
         f'at the peak, jax\'s best fp32 2048x2048 matmul over the rounds ({bw.peak_flops / 1e9:.1f} GFLOP/s):')
   for r in results:
     flops = 2 * r['b'] * n_params + 4 * cfg.hidden_size * cfg.num_layers * r['kv_bytes'] / kv_bytes_per_key
