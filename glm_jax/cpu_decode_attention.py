@@ -77,7 +77,7 @@ def _compile() -> Path:
 
 
 def available() -> bool:
-  """Whether the kernel is built and registered (builds it on the first call); a warning says why not, once."""
+  """Whether the kernel is built and registered (builds it on the first call; a failed build warns, once)."""
   with _lock:
     if 'ok' not in _state:
       why = None
