@@ -193,17 +193,20 @@ def sat_batch(np, torch, contexts, n_new):
           torch.as_tensor(lengths, dtype=torch.long), cmax)
 
 
-def sat_generate(torch, model, update_mems, batch, n_new, margins=False):
-  """batch_filling_sequence with greedy argmax: prefill, then one token per step with mems (SAT's update_mems).
+def sat_generate(torch, model, update_mems, batch, n_new, margins=False, sync=lambda: None):
+  """batch_filling_sequence with greedy argmax: prefill, then one token per step with mems (SAT's update_mems), on
+  the device of the batch's tensors; `sync` waits for that device before each clock reading (a GPU's
+  torch.cuda.synchronize).
 
   Returns (tokens [B, n] numpy, prefill seconds, decode seconds, per-step top-2 margins [n, B] or None)."""
   from tests.sat_reference import MAX_MEMORY_LENGTH
   tokens, positions, mask, lengths, cmax = batch
   tokens = tokens.clone()
   b = tokens.shape[0]
-  rows = torch.arange(b)
+  rows = torch.arange(b, device=tokens.device)
   top2 = []
   with torch.no_grad():
+    sync()
     t0 = time.perf_counter()
     logits, *layers = model(tokens[:, :cmax], positions[:, :cmax], mask[:, :, :cmax, :cmax])
     mems = update_mems([o['mem_kv'] for o in layers], None, MAX_MEMORY_LENGTH)
@@ -211,6 +214,7 @@ def sat_generate(torch, model, update_mems, batch, n_new, margins=False):
     tokens[:, cmax] = logits.argmax(-1)
     if margins:
       top2.append(logits.topk(2, -1).values)
+    sync()
     t1 = time.perf_counter()
     for j in range(1, n_new):
       s = cmax + j - 1  # feed generated token j-1, read the logits of token j
@@ -220,12 +224,13 @@ def sat_generate(torch, model, update_mems, batch, n_new, margins=False):
       tokens[:, s + 1] = logits.argmax(-1)
       if margins:
         top2.append(logits.topk(2, -1).values)
+    sync()
     t2 = time.perf_counter()
   m = None
   if margins:
-    v = torch.stack(top2).float().numpy()
+    v = torch.stack(top2).float().cpu().numpy()
     m = v[..., 0] - v[..., 1]
-  return tokens[:, cmax:].numpy(), t1 - t0, t2 - t1, m
+  return tokens[:, cmax:].cpu().numpy(), t1 - t0, t2 - t1, m
 
 
 # ---------------------------------------------------------------------------------------------------------------------

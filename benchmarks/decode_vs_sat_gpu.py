@@ -10,8 +10,8 @@ torch). The weights and prompts are benchmarks/decode_vs_sat.py's: SAT's GLM130B
 weights (tests/sat_reference.py), final_layernorm.weight negated, converted for glm-jax; random-id prompts of 32 to
 64 tokens ending [gMASK] <sop>; fp32 on both sides. JAX runs fp32 matmuls at 'highest' precision by default here,
 as torch's fp32 matmuls do (JAX's own default on GPUs is TF32).
-  SAT: decode_vs_sat.py's greedy loop with every tensor on the GPU, timed with torch.cuda.synchronize() around the
-    prefill and around the N-1 decode steps;
+  SAT: decode_vs_sat.py's greedy loop (sat_generate) with every tensor on the GPU, timed with
+    torch.cuda.synchronize() around the prefill and around the N-1 decode steps;
   glm-jax: the whole generate call (tokens back on the host), and one decode step as (t(N) - t(M)) / (N - M) with M
     in N's generation bucket (the same compiled program), as decode_vs_sat.py.
 Reported per batch: greedy parity (the prefix of each row that agrees with SAT), medians of both sides' full-call and
@@ -87,27 +87,6 @@ def main(argv=None):
         f'{args.new_tokens} new tokens; torch {torch.__version__}, jax {jax.__version__}, '
         f'{torch.cuda.get_device_name()} ==', flush=True)
 
-  def sat_run(batch, n_new):
-    tokens, positions, mask, lengths, cmax = (x.cuda() if torch.is_tensor(x) else x for x in batch)
-    tokens = tokens.clone()
-    rows = torch.arange(tokens.shape[0], device='cuda')
-    with torch.no_grad():
-      torch.cuda.synchronize()
-      t0 = time.perf_counter()
-      logits, *layers = sat(tokens[:, :cmax], positions[:, :cmax], mask[:, :, :cmax, :cmax])
-      mems = update_mems([o['mem_kv'] for o in layers], None, R.MAX_MEMORY_LENGTH)
-      tokens[:, cmax] = logits[rows, lengths - 1].argmax(-1)
-      torch.cuda.synchronize()
-      t1 = time.perf_counter()
-      for j in range(1, n_new):
-        s = cmax + j - 1  # feed generated token j-1, read the logits of token j
-        logits, *layers = sat(tokens[:, s:s + 1], positions[:, s:s + 1], mask[:, :, s:s + 1, :s + 1], mems=mems)
-        mems = update_mems([o['mem_kv'] for o in layers], mems, R.MAX_MEMORY_LENGTH)
-        tokens[:, s + 1] = logits[:, -1].argmax(-1)
-      torch.cuda.synchronize()
-      t2 = time.perf_counter()
-    return tokens[:, cmax:].cpu().numpy(), t1 - t0, t2 - t1
-
   n_new = args.new_tokens
   m_short = next(m for m in range(n_new // 2, n_new + 1)
                  if m == n_new or D.bucket_length(m) == D.bucket_length(n_new))
@@ -119,14 +98,17 @@ def main(argv=None):
         f'{"SAT step":>9} | {"jax step":>9} | {"ratio":>6}')
   for b in args.batches:
     contexts, masks = contexts_all[:b], masks_all[:b]
-    batch = B.sat_batch(np, torch, contexts, n_new)
+    batch = tuple(x.cuda() if torch.is_tensor(x) else x for x in B.sat_batch(np, torch, contexts, n_new))
+
+    def sat_run():
+      return B.sat_generate(torch, sat, update_mems, batch, n_new, sync=torch.cuda.synchronize)
 
     def run(n):
       return decoder.generate(params, contexts, masks, True, max_gen_length=n, strategy=D.GREEDY, end_tokens=())
 
     ours = run(n_new).tokens
     run(m_short)
-    ref, _, _ = sat_run(batch, n_new)
+    ref = sat_run()[0]
     agree = [next((j for j, (x, y) in enumerate(zip(o, r)) if x != y), n_new) for o, r in zip(ours, ref)]
     ok &= min(agree) >= min(args.min_agree, n_new)
     times = {k: [] for k in ('jax_full', 'jax_step', 'sat_full', 'sat_step')}
@@ -138,7 +120,7 @@ def main(argv=None):
       run(m_short)
       times['jax_full'].append(full)
       times['jax_step'].append((full - (time.perf_counter() - t)) / (n_new - m_short))
-      _, pre, dec = sat_run(batch, n_new)
+      _, pre, dec, _ = sat_run()
       times['sat_full'].append(pre + dec)
       times['sat_step'].append(dec / (n_new - 1))
     m = {k: float(np.median(v)) for k, v in times.items()}
