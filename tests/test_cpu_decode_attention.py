@@ -32,12 +32,13 @@ def _inputs(rng, batch, heads, t, h, scale=1.0):
           rng.standard_normal((r, t, h), dtype=np.float32))
 
 
-@pytest.mark.parametrize('h', [64, 16, 128])
-def test_kernel_matches_the_definition(h):
+@pytest.mark.parametrize('h,heads', [(64, 4), (16, 4), (128, 4), (64, 7), (64, 6), (16, 3)])
+def test_kernel_matches_the_definition(h, heads):
   """Prompts of different lengths padded to a bucket, then generated columns (GLM's decode mask), several heads per
-  sequence, a column count that is no multiple of 8; H = 64 takes the unrolled path, 16 and 128 the general one."""
-  rng = np.random.default_rng(h)
-  batch, heads, t, bucket = 3, 4, 45, 20
+  sequence, a column count that is no multiple of 8; H = 64 takes the unrolled path, 16 and 128 the general one.
+  The kernel reads the heads of a sequence in groups of 4: 7, 6 and 3 heads leave groups of 3, 2 and 3."""
+  rng = np.random.default_rng(h + heads)
+  batch, t, bucket = 3, 45, 20
   q, k, v = _inputs(rng, batch, heads, t, h)
   mask = np.zeros((batch, t), bool)
   for row, (length, generated) in enumerate([(20, 25), (7, 13), (1, 1)]):
