@@ -3,17 +3,17 @@
 
     python benchmarks/decode_vs_sat.py                         # batches 1 and 8, 128 new tokens, 3 timed rounds
     python benchmarks/decode_vs_sat.py --batches 1 --repeats 5
-    python benchmarks/decode_vs_sat.py --threads 2             # both frameworks on the whole machine
+    python benchmarks/decode_vs_sat.py --threads 1             # both frameworks on one pinned core
 
 Not part of CI. What it does, in one process:
-  1. threads: --threads 1 (default) pins the process to one core with os.sched_setaffinity before numpy, torch and
-     jax start any thread, and asks every framework for one thread (XLA_FLAGS --xla_cpu_multi_thread_eigen=false,
-     torch.set_num_threads(1), OMP/OPENBLAS/MKL_NUM_THREADS=1), as benchmarks/forward_vs_sat.py does. --threads 2
-     gives both frameworks (and the probes) the whole 2-core machine instead. Both are fair (the same threads for
-     both frameworks); one core is the default because the machine is shared with other workers, and a 2-thread
-     matvec waits for its slower half whenever another process holds the second core (noisier timings). At batch 8
-     one core is as much compute-bound as memory-bound (the flops lines of the report), so there the whole machine
-     does markedly better;
+  1. threads: by default both frameworks (and the probes) use every core the process may run on, as a user's
+     generation does: torch.set_num_threads(cores), XLA's own pool over all of them. --threads 1 instead pins the
+     process to one core with os.sched_setaffinity before numpy, torch and jax start any thread, and asks every
+     framework for one thread (XLA_FLAGS --xla_cpu_multi_thread_eigen=false, torch.set_num_threads(1),
+     OMP/OPENBLAS/MKL_NUM_THREADS=1), as benchmarks/forward_vs_sat.py does. Both give the two frameworks the same
+     threads. One core times more quietly when other processes share the machine (a multi-threaded matvec waits for
+     its slowest thread whenever another process holds a core); but at batch 8 one core is as much compute-bound as
+     memory-bound (the flops lines of the report), so the whole machine does markedly better there;
   2. builds SAT's GLM130B at configs/small.py with random weights (std 0.02, tests/sat_reference.py), negates
      final_layernorm.weight as tests/test_decode.py does (with tied embeddings a random model otherwise greedily
      repeats one token forever; negated, it emits varied tokens), and converts the state dict for glm-jax;
@@ -78,9 +78,9 @@ def parse_args(argv=None):
                  help='timed rounds per batch size, the median is reported (default: %(default)s)')
   p.add_argument('--warmup', type=int, default=1,
                  help='untimed runs of each framework per batch size after compilation (default: %(default)s)')
-  p.add_argument('--threads', type=int, choices=(1, 2), default=1,
-                 help='1: pin the process to one core, one thread per framework; 2: both frameworks use the whole '
-                      '2-core machine (default: %(default)s)')
+  p.add_argument('--threads', choices=('all', '1'), default='all',
+                 help='all: both frameworks use every core the process may run on; 1: pin the process to one core, '
+                      'one thread per framework (default: %(default)s)')
   p.add_argument('--core', type=int, default=None,
                  help='with --threads 1, the core to pin to (default: the least busy allowed core, sampled at start)')
   p.add_argument('--context-lengths', default='32,64',
@@ -111,6 +111,7 @@ def parse_args(argv=None):
     args.context_lengths = (lo, hi)
   except (ValueError, AssertionError):
     p.error(f'--context-lengths must be MIN,MAX with 3 <= MIN <= MAX, got {args.context_lengths!r}')
+  args.threads = 1 if args.threads == '1' else len(os.sched_getaffinity(0))
   if args.repeats < 1 or args.new_tokens < 2:
     p.error('--repeats must be >= 1 and --new-tokens >= 2')
   return args
@@ -491,15 +492,22 @@ def main(argv=None):
     print(f'{b:>5} | {sf:8.1f} | {jf:8.1f} | {jf / sf:6.2f}x | {r["paired_full"]:5.2f}x | {sd_:8.1f} | {jd:8.1f} | '
           f'{jd / sd_:6.2f}x | {r["paired_step"]:5.2f}x | {r["bound_tps"]:7.1f} | {jd / r["bound_tps"]:12.1%} | '
           f'{sd_ / r["bound_tps"]:12.1%}')
-  print('\nper step and per call (medians; CPU time of the process in brackets, not inflated when another process takes '
-        'the core):')
+  one = args.threads == 1  # with one thread the process's CPU time is the time it held its core: a check on wall time
+  print('\nper step and per call (medians' + ('; CPU time of the process in brackets, not inflated when another '
+                                             'process takes the core)' if one else ')') + ':')
   for r in results:
     m = r['med']
-    print(f'  batch {r["b"]}: glm-jax {m["jax_step"] * 1e3:.1f} [{m["jax_step_cpu"] * 1e3:.1f}] ms/step, full call '
-          f'{m["jax_full"]:.2f} [{m["jax_full_cpu"]:.2f}] s; SAT {m["sat_step"] * 1e3:.1f} ms/step, prefill '
-          f'{m["sat_prefill"] * 1e3:.0f} ms, full call {m["sat_full"]:.2f} [{m["sat_full_cpu"]:.2f}] s; bound '
-          f'{r["bound_step"] * 1e3:.1f} ms/step; glm-jax decode by CPU time: '
-          f'{r["b"] / m["jax_step_cpu"] / r["bound_tps"]:.1%} of the bound')
+    jax_step, jax_full, sat_full = f'{m["jax_step"] * 1e3:.1f}', f'{m["jax_full"]:.2f}', f'{m["sat_full"]:.2f}'
+    if one:
+      jax_step += f' [{m["jax_step_cpu"] * 1e3:.1f}]'
+      jax_full += f' [{m["jax_full_cpu"]:.2f}]'
+      sat_full += f' [{m["sat_full_cpu"]:.2f}]'
+    line = (f'  batch {r["b"]}: glm-jax {jax_step} ms/step, full call {jax_full} s; SAT {m["sat_step"] * 1e3:.1f} '
+            f'ms/step, prefill {m["sat_prefill"] * 1e3:.0f} ms, full call {sat_full} s; bound '
+            f'{r["bound_step"] * 1e3:.1f} ms/step')
+    if one:
+      line += f'; glm-jax decode by CPU time: {r["b"] / m["jax_step_cpu"] / r["bound_tps"]:.1%} of the bound'
+    print(line)
   la = os.getloadavg()
   print(f'load average at end: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}')
 
