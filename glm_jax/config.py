@@ -52,8 +52,10 @@ def model_defaults() -> ml_collections.ConfigDict:
   # params['layers_0'] ... (glm_jax.model.unstack_layers converts), no per-layer weight copy out of the stack:
   # faster inference, longer compiles. Decoding always runs unstacked (glm_jax/generation/decode.py).
   m.scan_layers = True
-  # Storage of the four layer kernels: 'in_out' ([in..., out...], the checkpoint layout) or 'out_in' ([out..., in...],
-  # glm_jax.model.to_out_in_kernels converts), whose vector-matrix products stream faster on CPU; decoding uses it.
+  # Storage of the four layer kernels: 'in_out' ([in..., out...], the checkpoint layout), 'out_in' ([out..., in...],
+  # glm_jax.model.to_out_in_kernels converts), whose vector-matrix products stream faster on CPU, or 'packed' (per-layer
+  # weights only; W [O, I] in tiles of rows with the tied embedding too, to_packed_kernels converts) for the CPU kernel
+  # of glm_jax/cpu_kernels.py. The decoder picks 'packed' on CPU (float32, no mesh), else 'out_in'.
   m.kernel_layout = 'in_out'
   return m
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax import cpu_decode_attention, rope
+from glm_jax import cpu_kernels, rope
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 MASKED_SCORE = -10000.0  # SAT's fill value for masked attention scores
@@ -82,8 +82,9 @@ class GLMConfig:
         raise ValueError(f'config.model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}')
     if self.rope_precision not in ('fp32', 'fp16_chain'):
       raise ValueError(f"config.model.rope_precision must be 'fp32' or 'fp16_chain', got {self.rope_precision!r}")
-    if self.kernel_layout not in ('in_out', 'out_in'):
-      raise ValueError(f"config.model.kernel_layout must be 'in_out' or 'out_in', got {self.kernel_layout!r}")
+    if self.kernel_layout not in ('in_out', 'out_in', 'packed'):
+      raise ValueError(f"config.model.kernel_layout must be 'in_out', 'out_in' or 'packed', got "
+                       f'{self.kernel_layout!r}')
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'config.model.remat_policy must be one of {sorted(REMAT_POLICIES)}, '
                        f'got {self.remat_policy!r}')
@@ -156,12 +157,27 @@ def _out_in_perm(ndim, n_in, lead=0):
   return tuple(range(lead)) + tuple(range(lead + n_in, ndim)) + tuple(range(lead, lead + n_in))
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedKernel:
+  """A kernel in the 'packed' layout: W [O, I] (O, I the products of its output and input axes) in tiles of rows,
+  [T, I, 4] (cpu_kernels.pack), and its logical output axes. Decoding on CPU uses it (cpu_kernels.packed_matmul)."""
+  w: Any
+  out_shape: tuple
+
+
 def _kernel(module, name, init, shape, axes):
-  """A layer kernel of logical shape [in..., out...]; stored [out..., in...] when kernel_layout is 'out_in'."""
+  """A layer kernel of logical shape [in..., out...]; stored [out..., in...] when kernel_layout is 'out_in', packed
+  (a PackedKernel) when it is 'packed'."""
   cfg = module.cfg
   if cfg.kernel_layout == 'in_out':
     return _param(module, name, init, shape, axes, cfg.weight_dtype)
-  perm = _out_in_perm(len(shape), KERNEL_IN_AXES[name])
+  n_in = KERNEL_IN_AXES[name]
+  if cfg.kernel_layout == 'packed':
+    i, o = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+    w = _param(module, name, lambda key, _, dtype: cpu_kernels.pack(init(key, shape, dtype).reshape(i, o).T),
+               (-(-o // cpu_kernels.TILE_ROWS), i, cpu_kernels.TILE_ROWS), (None, None, None), cfg.weight_dtype)
+    return PackedKernel(w, tuple(shape[n_in:]))
+  perm = _out_in_perm(len(shape), n_in)
   return _param(module, name, lambda key, _, dtype: jnp.transpose(init(key, shape, dtype), perm),
                 tuple(shape[i] for i in perm), tuple(axes[i] for i in perm), cfg.weight_dtype)
 
@@ -175,6 +191,22 @@ def to_out_in_kernels(params):
       return w
     lead = w.ndim - KERNEL_NDIM[name]
     return jnp.transpose(w, _out_in_perm(w.ndim, KERNEL_IN_AXES[name], lead))
+  return jax.tree_util.tree_map_with_path(convert, params)
+
+
+def to_packed_kernels(params):
+  """Per-layer parameters (unstack_layers) to kernel_layout='packed': the four layer kernels and the tied embedding
+  as W [O, I] in tiles of rows (cpu_kernels.pack)."""
+  def convert(path, w):
+    name = getattr(path[-1], 'key', None)
+    if name == 'word_embeddings':
+      return cpu_kernels.pack(w)
+    if name not in KERNEL_IN_AXES:
+      return w
+    if w.ndim != KERNEL_NDIM[name]:
+      raise ValueError(f'to_packed_kernels takes per-layer parameters (unstack_layers); {name} has shape {w.shape}')
+    n_in = KERNEL_IN_AXES[name]
+    return cpu_kernels.pack(w.reshape(math.prod(w.shape[:n_in]), -1).T)
   return jax.tree_util.tree_map_with_path(convert, params)
 
 
@@ -257,12 +289,19 @@ def _linear_out_in(x_MxI, kernel, bias, *, ins, outs, fused_bias):
 def project(eq, x, kernel, bias, *, n_in, layout, fused_bias, flat=False):
   """x @ kernel (`linear`) for a kernel stored in `layout`: 'in_out' [in..., out...], the kernel of the einsum `eq`,
   or 'out_in' [out..., in...], the same axes with the inputs last; its n_in input axes contract x's trailing axes.
+  A PackedKernel (layout 'packed') goes to cpu_kernels.packed_matmul whatever `layout` says.
 
   flat=True runs one 2-D product over the kernel reshaped to [I, O] / [O, I]: on a kernel with several output axes
   XLA otherwise transposes it to put the contracted axes together, a weight copy per call (and in training per
   backward pass). Callers flatten only where the merge keeps the sharding (the split axis leads its group, as the
   QKV kernel's heads); the GeGLU kernel's [2, F] only when F is not split (merged, it would be gathered).
   """
+  if isinstance(kernel, PackedKernel):
+    lead = x.shape[:x.ndim - n_in]
+    i = math.prod(x.shape[x.ndim - n_in:])
+    y32_MxO = cpu_kernels.packed_matmul(x.reshape(-1, i), kernel.w, math.prod(kernel.out_shape))
+    y = _add_bias(y32_MxO, None if bias is None else bias.reshape(-1), x.dtype, fused_bias)
+    return y.reshape(lead + kernel.out_shape)
   k_io = eq.split('->')[0].split(',')[1]  # the kernel's axis letters, in_out order
   ins, outs = k_io[:n_in], k_io[n_in:]
   in_out = layout == 'in_out'
@@ -342,7 +381,7 @@ class Attention(nn.Module):
     # (made on both paths, so that the hidden dropout below keeps its module name and random stream)
     dropout = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=self.deterministic)
     if cache_kv is not None and s == 1 and self.deterministic:  # a decode step: a CPU kernel where it applies
-      ctx_RxSxH = cpu_decode_attention.decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n,
+      ctx_RxSxH = cpu_kernels.decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n,
                                                       reference=attention_context)
     else:
       ctx_RxSxH = attention_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n, dropout)
@@ -421,12 +460,25 @@ class GLM(nn.Module):
     """
     cfg: GLMConfig = self.config
     dt = cfg.compute_dtype
+    v, d = cfg.vocab_size, cfg.hidden_size
     if attention_mask.dtype != jnp.bool_:
       raise TypeError(f'attention_mask must be bool (True = may attend), got {attention_mask.dtype}')
-    embedding_VxD = _param(self, 'word_embeddings', _normal(cfg.base_init_std), (cfg.vocab_size, cfg.hidden_size),
-                           ('vocab', 'embed'), cfg.weight_dtype)
-    table_VxD = embedding_VxD if input_embedding is None else input_embedding
-    x_BxSxD = jnp.take(table_VxD, tokens_BxS, axis=0).astype(dt)
+    if cfg.kernel_layout == 'packed':
+      embedding = PackedKernel(
+          _param(self, 'word_embeddings',
+                 lambda key, _, dtype: cpu_kernels.pack(_normal(cfg.base_init_std)(key, (v, d), dtype)),
+                 (-(-v // cpu_kernels.TILE_ROWS), d, cpu_kernels.TILE_ROWS), (None, None, None), cfg.weight_dtype),
+          (v,))
+    else:
+      embedding = _param(self, 'word_embeddings', _normal(cfg.base_init_std), (v, d), ('vocab', 'embed'),
+                         cfg.weight_dtype)
+    if input_embedding is not None:
+      x_BxSxD = jnp.take(input_embedding, tokens_BxS, axis=0)
+    elif isinstance(embedding, PackedKernel):
+      x_BxSxD = cpu_kernels.packed_rows(embedding.w, tokens_BxS)
+    else:
+      x_BxSxD = jnp.take(embedding, tokens_BxS, axis=0)
+    x_BxSxD = x_BxSxD.astype(dt)
     x_BxSxD = _constrain(x_BxSxD, ('batch', 'length', 'act_embed'))
     x_BxSxD = nn.Dropout(cfg.embedding_dropout)(x_BxSxD, deterministic=deterministic)
 
@@ -463,7 +515,7 @@ class GLM(nn.Module):
       x_BxSxD = jnp.take_along_axis(x_BxSxD, logits_index[:, None, None], axis=1)
     x_BxSxD = LayerNorm(cfg, name='final_layernorm')(x_BxSxD)
     # The tied [V, D] embedding is an output-major kernel.
-    logits_BxSxV = project('bsd,dv->bsv', x_BxSxD, embedding_VxD, None, n_in=1, layout='out_in',
+    logits_BxSxV = project('bsd,dv->bsv', x_BxSxD, embedding, None, n_in=1, layout='out_in',
                            fused_bias=True).astype(jnp.float32)
     logits_BxSxV = _constrain(logits_BxSxV, ('batch', 'length', 'act_vocab'))
     if cache is None:

@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel (glm_jax/cpu_decode_attention.cc) against the definition in float64 numpy:
+"""The CPU decode-attention kernel (glm_jax/csrc/decode_attention.cc) against the definition in float64 numpy:
 scores q.k * c, a masked score set to -10000 * c (SAT's fill), softmax over every column, weighted values."""
 
 import jax
@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glm_jax import cpu_decode_attention, model
+from glm_jax import cpu_kernels, model
 
-pytestmark = pytest.mark.skipif(not cpu_decode_attention.available(),
-                                reason=f'CPU kernel off: {cpu_decode_attention._state.get("why")}')
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason=f'CPU kernel off: {cpu_kernels._state.get("why")}')
 
 
 def _definition(q_RxH, k_RxTxH, v_RxTxH, mask_BxT, c, heads):
@@ -21,7 +21,7 @@ def _definition(q_RxH, k_RxTxH, v_RxTxH, mask_BxT, c, heads):
 
 
 def _kernel(q_RxH, k_RxTxH, v_RxTxH, mask_BxT, c, heads):
-  fn = jax.jit(lambda q, k, v, m, c: cpu_decode_attention.decode_context(
+  fn = jax.jit(lambda q, k, v, m, c: cpu_kernels.decode_context(
       q[:, None], k, v, m[:, None, None], c, heads, reference=model.attention_context))
   return np.asarray(fn(q_RxH, k_RxTxH, v_RxTxH, mask_BxT, np.float32(c)))[:, 0]
 

@@ -11,8 +11,9 @@ import pytest
 import dataclasses
 
 from glm_jax import GLM, GLMConfig, count_params, init_cache, init_params
+from glm_jax import cpu_kernels
 from glm_jax import model as model_lib
-from glm_jax.model import stack_layers, to_out_in_kernels, unstack_layers
+from glm_jax.model import stack_layers, to_out_in_kernels, to_packed_kernels, unstack_layers
 from tests.conftest import REPO, load_config
 
 
@@ -101,16 +102,20 @@ def test_mask_must_be_bool(small_model):
                 jnp.ones((1, 1, 4, 4), jnp.float32))
 
 
-LAYOUTS = [(True, 'in_out'), (False, 'in_out'), (True, 'out_in'), (False, 'out_in')]
+_PACKED = pytest.param(False, 'packed', marks=pytest.mark.skipif(
+    not cpu_kernels.available(), reason=f'CPU kernels off: {cpu_kernels._state.get("why")}'))
+LAYOUTS = [(True, 'in_out'), (False, 'in_out'), (True, 'out_in'), (False, 'out_in'), _PACKED]
 
 
 def _variant(config, params, scan_layers, kernel_layout):
-  """The same weights for a model with another layer / kernel layout."""
+  """The same weights for a model with another layer / kernel layout ('packed': per-layer only, as decoding uses it)."""
   cfg = dataclasses.replace(GLMConfig.make(config.model), scan_layers=scan_layers, kernel_layout=kernel_layout)
   if kernel_layout == 'out_in':
     params = to_out_in_kernels(params)
   if not scan_layers:
     params = unstack_layers(params)
+  if kernel_layout == 'packed':
+    params = to_packed_kernels(params)
   return GLM(cfg), cfg, params
 
 

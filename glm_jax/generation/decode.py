@@ -20,9 +20,11 @@ Buckets (`length_buckets`): powers of two from 16 up to 64, then multiples of 64
 the longest context, G = the smallest that holds max_gen_length (or the caller's own bucket list). Prompts whose
 lengths and max_gen_length fall in the same buckets reuse one compiled program.
 
-Weights: `generate` takes params in the checkpoint layout and runs a copy in the decoder's own layout (per-layer arrays,
-output-major kernels: `Decoder.decode_params`), made once per params object and kept for the last one seen. With
-`Decoder(..., mesh=, rules=)` that copy is placed on the mesh by the axis rules and the programs run under it.
+Weights: `generate` takes params in the checkpoint layout and runs a copy in the decoder's own layout
+(`Decoder.decode_params`: per-layer arrays; the kernels and the tied embedding packed in tiles of rows for
+cpu_kernels.packed_matmul when decoding float32 on CPU without a mesh, else output-major kernels), made once per params
+object and kept for the last one seen. With `Decoder(..., mesh=, rules=)` that copy is placed on the mesh by the axis
+rules and the programs run under it.
 
 Compile cache: one `jax.jit` per Decoder; its cache key is (params shapes, batch B, P, G, strategy, debug); all the
 rest (tokens, positions, masks, context lengths, max_gen_length, min_gen_length, end tokens, forced tokens, seed) is
@@ -49,10 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax import layouts, sharding
+from glm_jax import cpu_kernels, layouts, sharding
 from glm_jax.generation import beam_search as beam_lib
 from glm_jax.generation import sampling as sampling_lib
-from glm_jax.model import GLM, GLMConfig, init_cache, take_cache_rows, to_out_in_kernels, unstack_layers
+from glm_jax.model import (GLM, GLMConfig, init_cache, take_cache_rows, to_out_in_kernels, to_packed_kernels,
+                           unstack_layers)
 
 # ------------------------------------------------------------------------------------------------------------------
 # Strategy configs and buckets
@@ -193,18 +196,22 @@ class Decoder:
     model's activation constraints, and each program runs under the mesh. Without a mesh: the default device."""
     self.model = model
     self.cfg = GLMConfig.make(config_model)
-    # Decoding runs its own layout of the same weights (`decode_params`): per-layer arrays instead of a stacked one (no
-    # per-layer copy out of the stack at every step; each layer's cache updated in place) and output-major kernels.
-    self._decode_model = GLM(dataclasses.replace(self.cfg, scan_layers=False, kernel_layout='out_in',
-                                                 remat_policy='none'))
     if (mesh is None) != (rules is None):
       raise ValueError('Decoder: give both mesh and rules (sharding.make_mesh, sharding.axis_rules), or neither')
+    # Decoding runs its own layout of the same weights (`decode_params`): per-layer arrays instead of a stacked one (no
+    # per-layer copy out of the stack at every step; each layer's cache updated in place), and kernels packed for the
+    # CPU kernel (float32 on CPU, no mesh) or else output-major.
+    packed = (mesh is None and jax.default_backend() == 'cpu' and self.cfg.dtype == 'float32'
+              and self.cfg.param_dtype == 'float32' and cpu_kernels.available())
+    self._decode_model = GLM(dataclasses.replace(self.cfg, scan_layers=False,
+                                                 kernel_layout='packed' if packed else 'out_in', remat_policy='none'))
     self.mesh, self.rules = mesh, rules
     out_shardings = None
     if mesh is not None:
       out_shardings = sharding.shardings_for(sharding.abstract_params(self._decode_model, self._decode_model.config),
                                              mesh, rules)
-    self._to_decode_layout = jax.jit(lambda p: to_out_in_kernels(unstack_layers(p)), out_shardings=out_shardings)
+    to_layout = to_packed_kernels if packed else to_out_in_kernels
+    self._to_decode_layout = jax.jit(lambda p: to_layout(unstack_layers(p)), out_shardings=out_shardings)
     self._last_params = self._last_decode_params = None
     self.trace_counts: collections.Counter = collections.Counter()
     self._run = jax.jit(self._program, static_argnames=('strategy', 'gen_bucket', 'debug'))

@@ -3,12 +3,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -193,20 +192,6 @@ void attend_rows(const Problem& P, int64_t begin, int64_t end) {
   }
 }
 
-struct Shared {
-  Problem problem;
-  int64_t chunks, chunk_rows;
-  std::atomic<int64_t> next{0}, done{0};
-  void work() {
-    for (int64_t i; (i = next.fetch_add(1)) < chunks;) {
-      const int64_t begin = i * chunk_rows, end = std::min(problem.rows, begin + chunk_rows);
-      if (problem.H == 64) attend_rows<8>(problem, begin, end);
-      else attend_rows<0>(problem, begin, end);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> scale,
                            ffi::ResultBuffer<ffi::F32> out) {
@@ -217,17 +202,16 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     return ffi::Error::InvalidArgument(
         "glm_jax_decode_attention: expected q [R, H], k and v [R, T, H], mask [B, T] with B dividing R, H a multiple of "
         "8, and a scalar scale");
-  auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(),
-                            scale.typed_data()[0], kd[0], kd[0] / md[0], kd[1], kd[2], out->typed_data()};
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t rows = kd[0];
+  const Problem P{q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), scale.typed_data()[0],
+                  kd[0], kd[0] / md[0], kd[1], kd[2], out->typed_data()};
   // about four chunks per thread, of whole groups
-  shared->chunk_rows = (std::max<int64_t>(1, rows / (4 * threads)) + kGroup - 1) / kGroup * kGroup;
-  shared->chunks = (rows + shared->chunk_rows - 1) / shared->chunk_rows;
-  for (int64_t t = 1; t < std::min(threads, shared->chunks); ++t) pool.Schedule([shared] { shared->work(); });
-  shared->work();  // the calling thread takes chunks too, so this never waits on an idle pool
-  while (shared->done.load(std::memory_order_acquire) < shared->chunks) _mm_pause();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = (std::max<int64_t>(1, P.rows / (4 * threads)) + kGroup - 1) / kGroup * kGroup;
+  parallel_chunks(pool, (P.rows + chunk - 1) / chunk, [P, chunk](int64_t i) {
+    const int64_t begin = i * chunk, end = std::min(P.rows, begin + chunk);
+    if (P.H == 64) attend_rows<8>(P, begin, end);
+    else attend_rows<0>(P, begin, end);
+  });
   return ffi::Error::Success();
 }
 

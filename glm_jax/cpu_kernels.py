@@ -1,0 +1,170 @@
+"""Two XLA FFI kernels for decoding on CPU (C++ sources in glm_jax/csrc/), built on first use.
+
+decode_context: a decode step's attention, reading only the cache columns that each row's mask allows. XLA:CPU
+computes it as batched matrix-vector products over the whole padded cache (prompt bucket + generation bucket, on one
+thread), so a step reads every column of the cache however few are in use. The kernel reads the allowed columns only
+and splits the rows over XLA's intra-op thread pool; the math is the model's (`model.attention_context`): scores
+q.k * c, masked ones at MASKED_SCORE * c, softmax over all columns, then the weighted values. A masked column's
+weight exp(MASKED_SCORE * c - max) is exactly zero unless every allowed score lies within ~88 of the fill; the kernel
+then falls back to attending over every column itself.
+
+packed_matmul: x @ W.T for a weight W [O, I] packed in tiles of four rows (`pack`, the decoder's 'packed' kernel
+layout). XLA's product of a few rows against a weight fills half of each FMA at 8 rows and reads the weight as one
+stream; the kernel fills every lane and reads three tiles side by side (see packed_matmul.cc).
+
+Both are compiled with the system C++ compiler ($CXX, else g++) against jax's FFI headers into one library, cached
+under $GLM_JAX_CACHE (default ~/.cache/glm_jax). They need an x86-64 CPU with AVX2 and FMA. Without a compiler or such
+a CPU, or with GLM_JAX_CPU_KERNELS=0, `available()` is False (a failed build says why in a warning, once): decoding
+then keeps XLA's attention and the 'out_in' layout. The attention kernel is also left out on another platform, under
+a device mesh, or in a dtype other than float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SOURCES = tuple(Path(__file__).parent / 'csrc' / name for name in ('decode_attention.cc', 'packed_matmul.cc'))
+_HEADERS = (Path(__file__).parent / 'csrc' / 'parallel.h',)
+_TARGETS = {'glm_jax_decode_attention': 'GlmDecodeAttention', 'glm_jax_packed_matmul': 'GlmPackedMatmul'}
+TILE_ROWS = 4  # rows of W per tile of the packed layout (kRows in packed_matmul.cc)
+_FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-shared', '-fPIC')
+_lock = threading.Lock()
+_state: dict = {}  # 'ok': bool once decided; 'why': the reason it is off
+
+
+def _cpu_supports_avx2_fma() -> bool:
+  if platform.machine().lower() not in ('x86_64', 'amd64'):
+    return False
+  try:
+    flags = next(line for line in Path('/proc/cpuinfo').read_text().splitlines() if line.startswith('flags'))
+  except (OSError, StopIteration):
+    return False
+  return {'avx2', 'fma'} <= set(flags.split(':', 1)[1].split())
+
+
+def _compile() -> Path:
+  """The shared library, built once per sources, compiler flags and jax version (OSError / RuntimeError if not)."""
+  cxx = shutil.which(os.environ.get('CXX', 'g++'))
+  if cxx is None:
+    raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
+  include = jax.ffi.include_dir()
+  key = hashlib.sha256(b'\0'.join([*(f.read_bytes() for f in _SOURCES + _HEADERS), ' '.join(_FLAGS).encode(),
+                                   cxx.encode(), jax.__version__.encode()])).hexdigest()[:16]
+  cache = Path(os.environ.get('GLM_JAX_CACHE', Path.home() / '.cache' / 'glm_jax')) / 'cpu_kernels'
+  library = cache / f'cpu_kernels-{key}.so'
+  if library.exists():
+    return library
+  cache.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.cpu_kernels-', suffix='.so', dir=cache)
+  os.close(fd)
+  try:
+    proc = subprocess.run([cxx, *_FLAGS, '-isystem', include, *map(str, _SOURCES), '-o', tmp], capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0:
+      first = next((line for line in proc.stderr.splitlines() if 'error' in line), proc.stderr.strip()[:200])
+      raise RuntimeError(f'{cxx} failed on {", ".join(f.name for f in _SOURCES)}: {first}')
+    os.replace(tmp, library)  # atomic: concurrent builders each write their own file, one wins
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return library
+
+
+def available() -> bool:
+  """Whether the kernels are built and registered (builds them on the first call; a failed build warns, once)."""
+  with _lock:
+    if 'ok' not in _state:
+      why = None
+      if os.environ.get('GLM_JAX_CPU_KERNELS', '1') == '0':
+        why = 'GLM_JAX_CPU_KERNELS=0'
+      elif not _cpu_supports_avx2_fma():
+        why = 'this CPU lacks AVX2/FMA'
+      else:
+        try:
+          library = ctypes.cdll.LoadLibrary(str(_compile()))
+          for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+          why = str(e)
+          warnings.warn(f'glm_jax: the CPU decoding kernels are off ({why}); decoding uses XLA attention and '
+                        'products', stacklevel=2)
+      _state.update(ok=why is None, why=why)
+    return _state['ok']
+
+
+def decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, heads, reference):
+  """The attention context [R, 1, H] of a decode step (S = 1) with the kernel on CPU, and `reference` (a function of
+  the same arguments, model.attention_context) wherever the kernel does not apply."""
+  r, s, h = q_RxSxH.shape
+  applies = (s == 1 and h % 8 == 0 and mask_Bx1xSxT.shape[2] == 1 and r % mask_Bx1xSxT.shape[0] == 0
+             and all(x.dtype == jnp.float32 for x in (q_RxSxH, k_RxTxH, v_RxTxH))
+             and jax.sharding.get_abstract_mesh().empty and available())
+  if not applies:
+    return reference(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, heads)
+
+  def kernel(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c):
+    mask_BxT = mask_Bx1xSxT[:, 0, 0, :]
+    ctx_RxH = jax.ffi.ffi_call('glm_jax_decode_attention', jax.ShapeDtypeStruct((r, h), jnp.float32))(
+        q_RxSxH[:, 0], k_RxTxH, v_RxTxH, mask_BxT, jnp.asarray(c, jnp.float32).reshape(()))
+    return ctx_RxH[:, None]
+
+  return jax.lax.platform_dependent(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, cpu=kernel,
+                                    default=functools.partial(reference, heads=heads))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packed products
+
+
+def pack(w_OxI):
+  """W [O, I] to tiles of TILE_ROWS rows, [T, I, TILE_ROWS] with T = ceil(O / TILE_ROWS): w[t, i, r] = W[4t + r, i],
+  rows past O zero. Works on numpy arrays and inside jit."""
+  o, i = w_OxI.shape
+  t = -(-o // TILE_ROWS)
+  xp = np if isinstance(w_OxI, np.ndarray) else jnp
+  w = xp.pad(w_OxI, ((0, t * TILE_ROWS - o), (0, 0)))
+  return w.reshape(t, TILE_ROWS, i).transpose(0, 2, 1)
+
+
+def unpack(w_TxIxR, out_features: int):
+  """The inverse of `pack`: W [out_features, I]."""
+  t, i, r = w_TxIxR.shape
+  return w_TxIxR.transpose(0, 2, 1).reshape(t * r, i)[:out_features]
+
+
+def packed_rows(w_TxIxR, rows):
+  """Rows `rows` (int array, any shape) of the packed W: [..., I], a lookup (the tied embedding's input side)."""
+  return w_TxIxR[rows // TILE_ROWS, :, rows % TILE_ROWS]
+
+
+def packed_matmul(x_MxI, w_TxIxR, out_features: int):
+  """x [M, I] @ W.T -> [M, out_features] in float32 for a packed W (`pack`): the kernel on CPU, an XLA product of the
+  unpacked weight (a copy of it per call) elsewhere or when the kernel is not `available()`."""
+  m, _ = x_MxI.shape
+  t = w_TxIxR.shape[0]
+  x_MxI, w_TxIxR = x_MxI.astype(jnp.float32), w_TxIxR.astype(jnp.float32)
+
+  def kernel(x, w):
+    y = jax.ffi.ffi_call('glm_jax_packed_matmul', jax.ShapeDtypeStruct((m, t * TILE_ROWS), jnp.float32))(x, w)
+    return y[:, :out_features]
+
+  def reference(x, w):
+    return jnp.einsum('mi,oi->mo', x, unpack(w, out_features), preferred_element_type=jnp.float32)
+
+  if not available():
+    return reference(x_MxI, w_TxIxR)
+  return jax.lax.platform_dependent(x_MxI, w_TxIxR, cpu=kernel, default=reference)
