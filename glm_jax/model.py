@@ -85,6 +85,8 @@ class GLMConfig:
     if self.kernel_layout not in ('in_out', 'out_in', 'packed'):
       raise ValueError(f"config.model.kernel_layout must be 'in_out', 'out_in' or 'packed', got "
                        f'{self.kernel_layout!r}')
+    if self.kernel_layout == 'packed' and self.scan_layers:
+      raise ValueError("config.model.kernel_layout='packed' needs scan_layers=False (per-layer weights)")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'config.model.remat_policy must be one of {sorted(REMAT_POLICIES)}, '
                        f'got {self.remat_policy!r}')
@@ -382,7 +384,7 @@ class Attention(nn.Module):
     dropout = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=self.deterministic)
     if cache_kv is not None and s == 1 and self.deterministic:  # a decode step: a CPU kernel where it applies
       ctx_RxSxH = cpu_kernels.decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n,
-                                                      reference=attention_context)
+                                             reference=attention_context)
     else:
       ctx_RxSxH = attention_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n, dropout)
     ctx_BxSxNxH = jnp.swapaxes(ctx_RxSxH.reshape(b, n, s, h), 1, 2)
@@ -514,7 +516,7 @@ class GLM(nn.Module):
     if logits_index is not None:
       x_BxSxD = jnp.take_along_axis(x_BxSxD, logits_index[:, None, None], axis=1)
     x_BxSxD = LayerNorm(cfg, name='final_layernorm')(x_BxSxD)
-    # The tied [V, D] embedding is an output-major kernel.
+    # The tied [V, D] embedding is an output-major kernel (or, packed, a PackedKernel).
     logits_BxSxV = project('bsd,dv->bsv', x_BxSxD, embedding, None, n_in=1, layout='out_in',
                            fused_bias=True).astype(jnp.float32)
     logits_BxSxV = _constrain(logits_BxSxV, ('batch', 'length', 'act_vocab'))

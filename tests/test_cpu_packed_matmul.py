@@ -37,12 +37,14 @@ def test_packed_matmul_matches_the_definition(m, o, k):
 
 
 def test_decoder_packs_its_weights_on_one_cpu_and_not_on_a_mesh():
-  from glm_jax import GLM, sharding
+  from glm_jax import GLM, GLMConfig, sharding
   from glm_jax.config import default_config
   from glm_jax.generation.decode import Decoder
   from tests.conftest import PARITY_MODEL
   config = default_config()
   config.model.update(PARITY_MODEL)
+  with pytest.raises(ValueError, match='scan_layers=False'):
+    GLMConfig.make({**config.model.to_dict(), 'kernel_layout': 'packed', 'scan_layers': True})
   assert Decoder(GLM(config.model), config.model)._decode_model.config.kernel_layout == 'packed'
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, stage=1), jax.devices()[:1])
   on_mesh = Decoder(GLM(config.model), config.model, mesh=mesh, rules=sharding.axis_rules(config))

@@ -10,8 +10,7 @@ import pytest
 
 import dataclasses
 
-from glm_jax import GLM, GLMConfig, count_params, init_cache, init_params
-from glm_jax import cpu_kernels
+from glm_jax import GLM, GLMConfig, count_params, cpu_kernels, init_cache, init_params
 from glm_jax import model as model_lib
 from glm_jax.model import stack_layers, to_out_in_kernels, to_packed_kernels, unstack_layers
 from tests.conftest import REPO, load_config

@@ -1,11 +1,11 @@
 // y [M, O] = x [M, K] @ W.T for a weight W [O, K] stored in tiles of four rows: w [T, K, 4], w[t, k, r] = W[4t + r, k]
 // (rows past O are zero). A tile streams its four rows in one sequential run, k by k.
 //
-// Few rows (decode): per k, the 8 rows of x sit in one register (x transposed, [K, 8]) and each weight is broadcast
-// and multiplied into it, so every lane of every FMA is useful (a GEMM tile 16 wide would waste half of them at
-// M = 8). Three tiles are read side by side: one sequential stream gets about 60% of a core's memory bandwidth here,
-// three nearly all of it. One row (M = 1) is a matrix-vector product instead: two k of a tile per 8-lane FMA against x
-// expanded to [K, 4]. Many rows (prefill) go 24 at a time over each tile while it is in cache.
+// Few rows (decode, up to 16): per k, 8 rows of x sit in one register (x transposed, [K, 8]) and each weight is
+// broadcast and multiplied into it, so every lane of every FMA is useful at 8 rows. Three tiles are read side by side:
+// one sequential stream gets about 60% of a core's memory bandwidth here, three nearly all of it. One row (M = 1) is a
+// matrix-vector product instead: two k of a tile per 8-lane FMA against x expanded to [K, 4]. Many rows (prefill) go
+// 24 at a time over each tile while it is in cache.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -137,7 +137,7 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       for (int64_t k = 0; k < P.K; ++k) xs[((m / 8) * P.K + k) * 8 + m % 8] = P.x[m * P.K + k];
   }
   P.xs = xs.data();
-  // about four chunks per thread, each a run of whole stream groups
+  // about four chunks of tiles per thread (at least kStreams tiles each)
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t chunk = std::max<int64_t>(kStreams, (P.T + 4 * threads - 1) / (4 * threads));
   const int64_t chunks = (P.T + chunk - 1) / chunk;
