@@ -41,8 +41,8 @@ Not part of CI. What it does, in one process:
      step can reach on this machine; a copy also writes (and write-allocates), which decode does not;
      bytes per decode step = every parameter once (fp32; the tied embedding is read in full by the output projection)
        + the key/value cache that the step must read (2 * L * D * 4 bytes per attended key: context incl. <sop> plus
-       the tokens generated so far, averaged over the N-1 steps). glm-jax's cache is padded (P + G columns, all read
-       every step); the bound counts only what a step needs;
+       the tokens generated so far, averaged over the N-1 steps). glm-jax's cache is padded (P + G columns; on CPU
+       its attention kernel reads only the allowed ones); the bound counts only what a step needs;
      bound tokens/s = B / (bytes per step / bandwidth): at batch 8 the same weight bytes serve 8 tokens per step.
      Beside it, the compute a step needs at the peak FLOP/s (jax's best fp32 2048^3 matmul in the same rounds):
      2 * B * parameters + 4 * D * L per attended key per row; when that is close to the bandwidth bound (batch 8 on
