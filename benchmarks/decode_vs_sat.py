@@ -444,7 +444,7 @@ def main(argv=None):
                         kv_bytes=keys_per_step * kv_bytes_per_key,
                         kv_bytes_jax=b * (p_bucket + g_bucket) * kv_bytes_per_key, p_bucket=p_bucket))
     if args.profile:
-      profile_generate(jax, lambda: run_jax(n_new), f'batch {b}')
+      profile_generate(jax, lambda: run_jax(n_new), f'batch {b}', dump_dir=dump_dir)
 
   if not results:
     return 1
@@ -529,13 +529,26 @@ def main(argv=None):
 # Diagnostics (--profile)
 
 
-def profile_generate(jax, fn, label, top=14):
-  """Traces one glm-jax generate with jax.profiler and prints the XLA ops that took longest (summed)."""
+def custom_call_targets(dump_dir):
+  """{instruction name: custom-call target} in the newest compiled program of the XLA dump (the one just traced), so
+  that the profile tells the FFI kernels apart (each is an `ffi_call.N` there)."""
+  import glob
+  files = glob.glob(os.path.join(dump_dir, '*_program*after_optimizations.txt')) if dump_dir else []
+  if not files:
+    return {}
+  with open(max(files, key=os.path.getmtime)) as f:
+    return dict(re.findall(r'%(\S+) = .*custom_call_target="([^"]+)"', f.read()))
+
+
+def profile_generate(jax, fn, label, top=14, dump_dir=None):
+  """Traces one glm-jax generate with jax.profiler and prints the XLA ops that took longest (summed); custom calls
+  under their targets' names when the XLA dump (dump_dir) has them."""
   import glob
   import gzip
   import json
   import shutil
   import tempfile
+  targets = custom_call_targets(dump_dir)
   d = tempfile.mkdtemp(prefix='decode_vs_sat_profile_')
   try:
     with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -552,7 +565,7 @@ def profile_generate(jax, fn, label, top=14):
       name = e.get('name', '')
       if e.get('ph') != 'X' or name.startswith(('$', 'ThunkExecutor', 'while', 'Pjit', 'np.')):
         continue
-      key = re.sub(r'[.][0-9]+$', '', name)
+      key = targets.get(name) or re.sub(r'[.][0-9]+$', '', name)
       dur[key] += e.get('dur', 0) / 1e3
       cnt[key] += 1
     total = sum(dur.values())
