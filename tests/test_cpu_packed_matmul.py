@@ -49,3 +49,29 @@ def test_decoder_packs_its_weights_on_one_cpu_and_not_on_a_mesh():
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, stage=1), jax.devices()[:1])
   on_mesh = Decoder(GLM(config.model), config.model, mesh=mesh, rules=sharding.axis_rules(config))
   assert on_mesh._decode_model.config.kernel_layout == 'out_in'
+
+
+def test_decoding_without_the_kernels_keeps_xla(tmp_path):
+  """GLM_JAX_CPU_KERNELS=0 (read once per process, hence a subprocess): no library is built, and the decoder keeps the
+  out_in layout and XLA's attention, and generates. (tests/test_model.py checks that the layouts agree.)"""
+  import os
+  import subprocess
+  import sys
+  from tests.conftest import PARITY_MODEL, REPO
+  script = f'''
+import jax, numpy as np
+from glm_jax import GLM, cpu_kernels, init_params
+from glm_jax.config import default_config
+from glm_jax.generation.decode import Decoder
+config = default_config()
+config.model.update({PARITY_MODEL!r})
+params = init_params(GLM(config.model), config.model, jax.random.key(0))
+decoder = Decoder(GLM(config.model), config.model)
+assert not cpu_kernels.available() and decoder._decode_model.config.kernel_layout == 'out_in'
+print(np.asarray(decoder.generate(params, [[5, 6, 7, 501, 504]], [3], True, max_gen_length=6).tokens).shape)
+'''
+  env = {**os.environ, 'GLM_JAX_CPU_KERNELS': '0', 'GLM_JAX_CACHE': str(tmp_path)}
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == '(1, 6)'
+  assert not any(tmp_path.iterdir())  # nothing was built
