@@ -167,6 +167,17 @@ class PackedKernel:
   out_shape: tuple
 
 
+def _as_o_by_i(w, n_in):
+  """A kernel [in..., out...] as the matrix W [O, I] that the packed layout stores."""
+  return w.reshape(math.prod(w.shape[:n_in]), -1).T
+
+
+def _packed_param(module, name, init_OxI, o, i, dtype):
+  """The array of a PackedKernel: W [o, i], made by init_OxI(key, dtype), in tiles of rows (cpu_kernels.pack)."""
+  return _param(module, name, lambda key, _, dt: cpu_kernels.pack(init_OxI(key, dt)),
+                (-(-o // cpu_kernels.TILE_ROWS), i, cpu_kernels.TILE_ROWS), (None, None, None), dtype)
+
+
 def _kernel(module, name, init, shape, axes):
   """A layer kernel of logical shape [in..., out...]; stored [out..., in...] when kernel_layout is 'out_in', packed
   (a PackedKernel) when it is 'packed'."""
@@ -176,8 +187,8 @@ def _kernel(module, name, init, shape, axes):
   n_in = KERNEL_IN_AXES[name]
   if cfg.kernel_layout == 'packed':
     i, o = math.prod(shape[:n_in]), math.prod(shape[n_in:])
-    w = _param(module, name, lambda key, _, dtype: cpu_kernels.pack(init(key, shape, dtype).reshape(i, o).T),
-               (-(-o // cpu_kernels.TILE_ROWS), i, cpu_kernels.TILE_ROWS), (None, None, None), cfg.weight_dtype)
+    w = _packed_param(module, name, lambda key, dtype: _as_o_by_i(init(key, shape, dtype), n_in), o, i,
+                      cfg.weight_dtype)
     return PackedKernel(w, tuple(shape[n_in:]))
   perm = _out_in_perm(len(shape), n_in)
   return _param(module, name, lambda key, _, dtype: jnp.transpose(init(key, shape, dtype), perm),
@@ -207,8 +218,7 @@ def to_packed_kernels(params):
       return w
     if w.ndim != KERNEL_NDIM[name]:
       raise ValueError(f'to_packed_kernels takes per-layer parameters (unstack_layers); {name} has shape {w.shape}')
-    n_in = KERNEL_IN_AXES[name]
-    return cpu_kernels.pack(w.reshape(math.prod(w.shape[:n_in]), -1).T)
+    return cpu_kernels.pack(_as_o_by_i(w, KERNEL_IN_AXES[name]))
   return jax.tree_util.tree_map_with_path(convert, params)
 
 
@@ -467,10 +477,8 @@ class GLM(nn.Module):
       raise TypeError(f'attention_mask must be bool (True = may attend), got {attention_mask.dtype}')
     if cfg.kernel_layout == 'packed':
       embedding = PackedKernel(
-          _param(self, 'word_embeddings',
-                 lambda key, _, dtype: cpu_kernels.pack(_normal(cfg.base_init_std)(key, (v, d), dtype)),
-                 (-(-v // cpu_kernels.TILE_ROWS), d, cpu_kernels.TILE_ROWS), (None, None, None), cfg.weight_dtype),
-          (v,))
+          _packed_param(self, 'word_embeddings', lambda key, dtype: _normal(cfg.base_init_std)(key, (v, d), dtype),
+                        v, d, cfg.weight_dtype), (v,))
     else:
       embedding = _param(self, 'word_embeddings', _normal(cfg.base_init_std), (v, d), ('vocab', 'embed'),
                          cfg.weight_dtype)
