@@ -9,9 +9,9 @@ weight exp(MASKED_SCORE * c - max) is exactly zero unless every allowed score li
 then falls back to attending over every column itself.
 
 packed_matmul: x @ W.T for a weight W [O, I] packed in tiles of four rows (`pack`, the decoder's 'packed' kernel
-layout). XLA's product of 8 rows against a weight runs at about half the core's FMA peak (16 rows cost it only 1.3x
-the time of 8) and reads the weight as one stream; the kernel fills every FMA lane at 8 rows and reads three tiles
-side by side (see packed_matmul.cc).
+layout). XLA's product of 8 rows against a weight reaches neither the core's FMA peak nor its bandwidth and reads the
+weight as one stream; the kernel fills every FMA lane at 8 rows and reads three tiles side by side (see
+packed_matmul.cc; benchmarks/decode_vs_sat.py --profile, with and without GLM_JAX_CPU_KERNELS=0, compares the two).
 
 Both are compiled with the system C++ compiler ($CXX, else g++) against jax's FFI headers into one library, cached
 under $GLM_JAX_CACHE (default ~/.cache/glm_jax). They need an x86-64 CPU with AVX2 and FMA. Without a compiler or such
