@@ -290,6 +290,22 @@ def build_sat_glm130b(
     return model
 
 
+def set_rope_inv_freq(model: torch.nn.Module, inv_freq: np.ndarray) -> None:
+    """Replaces SAT's rotary ``inv_freq`` buffer by the given float32 values and drops its cached cos/sin table, so
+    that the next forward rebuilds the table from them.
+
+    SAT computes ``inv_freq`` with torch's float32 ``pow``, whose last bits depend on the SIMD code torch picks for
+    this CPU; at position 2047 one ulp of ``inv_freq`` moves an angle by ~1e-4 rad. A logit comparison at long
+    positions gives SAT the table under test this way, so that it checks the model rather than two ``pow``s (the
+    tables themselves are compared in tests/test_rope.py).
+    """
+    rotary = model.get_mixin("rotary-embedding").rotary_emb
+    if tuple(rotary.inv_freq.shape) != np.shape(inv_freq):
+        raise ValueError(f"inv_freq must have shape {tuple(rotary.inv_freq.shape)}, got {np.shape(inv_freq)}")
+    rotary.inv_freq.copy_(torch.from_numpy(np.asarray(inv_freq, np.float32)))
+    rotary.max_seq_len_cached = rotary.cos_cached = rotary.sin_cached = None
+
+
 def model_uses_2d_positions(model: torch.nn.Module) -> bool:
     return bool(model.get_mixin("rotary-embedding").position_encoding_2d)
 

@@ -45,10 +45,13 @@ def test_kernel_matches_the_definition(h, heads):
     mask[row, :length] = True
     mask[row, bucket:bucket + generated] = True
   for c in (1.0, 3.0):
-    got = _kernel(q, k, v, mask, c, heads)
-    np.testing.assert_allclose(got, _definition(q, k, v, mask, c, heads), rtol=2e-5, atol=2e-6)
+    want = _definition(q, k, v, mask, c, heads)
+    # The kernel's fixed AVX2/FMA code gives the same bits on every such CPU: a tight bound.
+    np.testing.assert_allclose(_kernel(q, k, v, mask, c, heads), want, rtol=2e-5, atol=2e-6)
+    # XLA's attention (the model's other path) against the same float64 definition: its scores reach ~100, whose fp32
+    # rounding (~1e-5 relative) exp() carries into every weight, in an order that XLA's code generation decides.
     xla = model.attention_context(q[:, None], k, v, mask[:, None, None], jnp.float32(c), heads)[:, 0]
-    np.testing.assert_allclose(got, np.asarray(xla), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(xla), want, rtol=1e-4, atol=1e-5)
 
 
 def test_masked_columns_that_carry_weight():

@@ -23,7 +23,7 @@ import pytest
 from glm_jax import layouts
 from glm_jax.generation import BeamSearchConfig, Generator, SamplingConfig, api, blanks, fill_blanks
 from glm_jax.generation.decode import GREEDY, DecodeOutput
-from tests.conftest import REPO, load_config
+from tests.conftest import REPO, load_config, subprocess_env
 from tests.tokenizer_fixtures import train_tiny_tokenizer
 
 OUT = 32  # out_seq_length of most tests: small buckets, few compiles
@@ -74,10 +74,8 @@ def tok(gen):
 
 
 def _env(**extra):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, not the tests' fake eight
-  env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', JAX_COMPILATION_CACHE_DIR=str(_CACHE),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **extra)
-  return env
+  return subprocess_env(JAX_COMPILATION_CACHE_DIR=str(_CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **extra)
 
 
 def _cli(*args, stdin=None):
@@ -403,7 +401,6 @@ def test_notebook_runs(checkpoint, monkeypatch):
   assert all(not c.get('outputs') and c.get('execution_count') is None for c in nb.cells if c.cell_type == 'code')
   for key, value in _env(GLM_JAX_CHECKPOINT=str(checkpoint)).items():
     monkeypatch.setenv(key, value)
-  monkeypatch.delenv('XLA_FLAGS', raising=False)
   nbclient.NotebookClient(nb, timeout=300, kernel_name='python3',
                           resources={'metadata': {'path': str(REPO)}}).execute()
   code = [c for c in nb.cells if c.cell_type == 'code']

@@ -131,7 +131,9 @@ def test_layer_and_kernel_layouts_compute_the_same_function(small_model, scan_la
   created = jax.eval_shape(lambda: init_params(other, cfg, jax.random.key(0)))
   assert jax.tree.structure(created) == jax.tree.structure(other_params)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), created) == jax.tree.map(lambda a: (a.shape, a.dtype), other_params)
-  np.testing.assert_allclose(other.apply({'params': other_params}, tokens, pos, mask), ref, atol=1e-5, rtol=0)
+  # Another product kernel (sums in another order): fp32 rounding, ~1e-6 of the largest logit.
+  np.testing.assert_allclose(other.apply({'params': other_params}, tokens, pos, mask), ref,
+                             atol=1e-5 * np.abs(ref).max(), rtol=0)
   if not scan_layers:
     restored = stack_layers(unstack_layers(params))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), restored, params))
@@ -162,11 +164,12 @@ def test_cache_prefill_then_steps_equal_full_forward(small_model, scan_layers, k
   m[..., :total] = may
   logits, cache = model.apply({'params': params}, tokens[:, :c], pos[:, :c], m[..., :c, :], cache=cache,
                               cache_index=0)
-  np.testing.assert_allclose(logits, full[:, :c], atol=1e-5)
+  tol = 1e-5 * np.abs(full).max()  # fp32 rounding of products over other row counts and cache lengths
+  np.testing.assert_allclose(logits, full[:, :c], atol=tol)
   for t in range(c, total):
     logits, cache = model.apply({'params': params}, tokens[:, t:t + 1], pos[:, t:t + 1], m[..., t:t + 1, :],
                                 cache=cache, cache_index=t)
-    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=tol)
   assert count_params(params) > 0
 
 
@@ -180,7 +183,7 @@ def test_logits_index_reads_one_row_per_sequence(small_model):
   rows = jnp.array([3, 6], jnp.int32)
   picked = model.apply({'params': params}, tokens, pos, mask, logits_index=rows)
   assert picked.shape == (2, 1, full.shape[-1])
-  np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), rows], atol=1e-6)
+  np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), rows], atol=1e-5 * np.abs(full).max())
 
 
 @pytest.mark.parametrize('rows', [1, model_lib.OUTPUT_MAJOR_MAX_ROWS, model_lib.OUTPUT_MAJOR_MAX_ROWS + 1])

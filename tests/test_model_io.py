@@ -1,6 +1,5 @@
 """SAT checkpoint folders <-> glm-jax model checkpoints, through launch/convert_sat.py, checked against SAT."""
 
-import os
 import subprocess
 import sys
 
@@ -10,16 +9,15 @@ import torch
 
 from glm_jax import GLM, model_io
 from tests import sat_reference as R
-from tests.conftest import PARITY_MODEL, REPO
+from tests.conftest import PARITY_MODEL, REPO, subprocess_env
 
 torch.set_num_threads(1)
 MODEL_FLAGS = [f'--config.model.{k}={v}' for k, v in PARITY_MODEL.items()]
 
 
 def _cli(*args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.run([sys.executable, 'launch/convert_sat.py', *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run([sys.executable, 'launch/convert_sat.py', *args], cwd=REPO, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope='module')

@@ -177,7 +177,8 @@ def test_egs_shrinks_only_the_input_lookup_share(grads):
   for alpha in (0.0, 0.1):
     # alpha = 0: the tied table's gradient is the output projection's share alone; 0.1: GLM-130B's default.
     ref_loss, ref = grads[alpha]
-    assert max_err(fold_embedding_grads(split, alpha), ref) <= 1e-6 * max_abs(ref), alpha
+    # fp32 sums over 128 tokens in two orders: ~1e-6 of the largest gradient; the shrink moves it by ~1e-2.
+    assert max_err(fold_embedding_grads(split, alpha), ref) <= 1e-5 * max_abs(ref), alpha
   # Both shares are substantial, so this tells shrinking the lookup's share from shrinking the whole table's.
   e_in, e_out = split.input_embedding, split.params['word_embeddings']
   assert np.abs(e_in).max() > 0.1 * np.abs(e_out).max() and np.abs(e_out).max() > 0.1 * np.abs(e_in).max()
@@ -190,7 +191,7 @@ def test_accumulated_gradient_is_the_global_token_mean(grads):
   compares their gradient with the full-batch reference): the loss is the mean over all loss tokens of the batch,
   not a mean of micro-batch means. (The train step wraps batch_grads; tests/test_train_sharded.py runs it with
   accumulation over 2 micro-batches on every mesh.)"""
-  np.testing.assert_allclose(grads['loss'], grads[0.1][0], rtol=1e-6)
+  np.testing.assert_allclose(grads['loss'], grads[0.1][0], rtol=1e-5)
   mask = np.asarray(make_batch()['loss_mask'])
   assert grads['tokens'] == mask.sum()
   assert mask[0::2].sum() > 1.5 * mask[1::2].sum()  # the batch does tell the two definitions apart
@@ -205,10 +206,12 @@ def test_training_with_egs_equals_forward_trick(trained, trick):
   for _ in range(STEPS):
     params, opt_state, loss, _ = trick_step(params, opt_state, config.train.egs_alpha)
     losses.append(float(loss))
-  np.testing.assert_allclose(trained['losses'], losses, rtol=1e-6)
+  np.testing.assert_allclose(trained['losses'], losses, rtol=1e-5)
   ref = jax.tree.map(np.asarray, params)
   err = max_err(trained['state'].params, ref)
-  assert err <= 1e-5 * max_abs(ref), err
+  # Adam's first steps are about lr * sign(g): a gradient entry at its rounding noise may flip, moving that weight by
+  # ~lr (5e-4 of the scale); the weights themselves move by > 1e-3.
+  assert err <= 1e-4 * max_abs(ref), err
   # The weights did move, by far more than the tolerance, and EGS was on.
   assert max_err(trained['state'].params, trained['state0'].params) > 1e-3
   assert [m['egs_alpha'] for m in trained['metrics']] == pytest.approx([0.1] * STEPS)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from glm_jax import GLM, from_sat_state_dict, init_cache, to_sat_state_dict
+from glm_jax import GLM, from_sat_state_dict, init_cache, rope, to_sat_state_dict
 from tests import sat_reference as R
 from tests.conftest import PARITY_MODEL, load_config
 
@@ -21,6 +21,9 @@ def _setup(position_encoding_2d, seed):
   sat_model = R.build_sat_glm130b(**PARITY_MODEL, position_encoding_2d=position_encoding_2d, seed=seed,
                                   init_std=0.1)
   config = load_config('tiny', **PARITY_MODEL, position_encoding_2d=position_encoding_2d)
+  # SAT's table from our inv_freq: the logits then compare the models, not torch's and our pow (tests/test_rope.py).
+  head_dim = config.model.hidden_size // config.model.num_attention_heads
+  R.set_rope_inv_freq(sat_model, rope.inv_freq_f32(head_dim // 2 if position_encoding_2d else head_dim))
   model = GLM(config.model)
   params = jax.tree.map(jnp.asarray, from_sat_state_dict(R.state_dict_numpy(sat_model), config.model))
   forward = jax.jit(lambda p, t, q, m: model.apply({'params': p}, t, q, m))
@@ -85,6 +88,23 @@ def test_batch_of_different_lengths_matches_sat(one_d):
   ours = np.asarray(forward(params, tokens, pos, may))
   for b, n in enumerate(lengths):
     _assert_close(ours[b, :n], ref[b, :n])
+
+
+def test_long_positions_match_sat(one_d):
+  """Positions up to 2047 (GLM-130B's longest), where the rotary angles reach 2047 rad: a context at 2030-2040,
+  then [MASK]-style generated tokens that all sit at the mask's position 2036, and a [gMASK]-style row running to
+  2047."""
+  sat_model, _, _, params, _ = one_d
+  config = load_config('tiny', **dict(PARITY_MODEL, max_sequence_length=2048))
+  model = GLM(config.model)
+  rng = np.random.default_rng(5)
+  c, total = 11, 18
+  tokens = rng.integers(0, config.model.vocab_size, (2, total)).astype(np.int32)
+  pos = np.stack([np.r_[np.arange(2030, 2030 + c), np.full(total - c, 2036)], np.arange(2030, 2030 + total)])
+  may = np.tril(np.ones((total, total), bool))
+  may[:, :c - 1] = True
+  ref, _ = R.sat_forward(sat_model, tokens, pos.astype(np.int32), may[None, None])
+  _assert_close(model.apply({'params': params}, tokens, pos.astype(np.int32), may[None, None]), ref)
 
 
 def test_2d_rope_matches_sat(two_d):

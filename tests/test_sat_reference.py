@@ -81,8 +81,9 @@ def test_incremental_decoding_matches_full_forward(model):
     assert full_mems.shape == (L, 2, tokens.shape[1], 2 * H)
 
     inc, inc_mems = _decode_incrementally(model, tokens, pos, may, C)
-    np.testing.assert_allclose(inc, full[:, C - 1:], rtol=0, atol=2e-5)
-    np.testing.assert_allclose(inc_mems, full_mems, rtol=0, atol=2e-5)
+    # torch's products (kernels chosen by the CPU's features) over other row counts: fp32 rounding of the largest value
+    np.testing.assert_allclose(inc, full[:, C - 1:], rtol=0, atol=1e-5 * np.abs(full).max())
+    np.testing.assert_allclose(inc_mems, full_mems, rtol=0, atol=1e-5 * np.abs(full_mems).max())
 
 
 def test_mask_convention_true_means_may_attend(model):

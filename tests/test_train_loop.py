@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 from tests.tokenizer_fixtures import data_dir, train_tiny_tokenizer
 
 STEPS = 8
@@ -48,12 +48,10 @@ def _command(workdir, tokenizer, corpus, *extra):
 
 
 def _env(**extra):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, not the tests' fake eight
   # Every process compiles the same programs: share them through JAX's persistent cache (same executables, so the
   # bit-exactness under test is unaffected).
-  env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', JAX_COMPILATION_CACHE_DIR=str(_CACHE),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **extra)
-  return env
+  return subprocess_env(JAX_COMPILATION_CACHE_DIR=str(_CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **extra)
 
 
 def _run(workdir, run_inputs, *extra, **env):
