@@ -23,7 +23,7 @@ Not part of CI. What it does, in one process:
   4. SAT: GLM-130B's batch_filling_sequence (glm130b.md §5.2) with greedy argmax, driven directly in torch: one
      batched prefill of the right-padded contexts (logits read at each row's <sop>), then one token per step with
      mems (SAT's own update_mems); the generated tokens sit after the padded length, as in G130;
-     glm-jax: Decoder(model, config.model).generate(..., max_gen_length=N, strategy=GREEDY, end_tokens=()), compiled
+     glm-jax: Decoder(config.model).generate(weights, ..., max_gen_length=N, strategy=GREEDY, end_tokens=()), compiled
      first (no end tokens: every row generates all N tokens);
   5. parity: both generate N tokens per row from the same prompts; the agreement is reported (prefix that agrees, and
      SAT's top-2 logit margin where they first differ: random weights make near-ties possible);
@@ -34,11 +34,13 @@ Not part of CI. What it does, in one process:
        decode phase: tokens/s = B / (time of one decode step). SAT times its N-1 steps directly; glm-jax's step is
          (t(N) - t(M)) / (N - M) with M < N in the same generation bucket (the same compiled program; M = 65 for
          N = 128), so its prefill cancels;
-  7. the memory-bandwidth bound, measured in the same rounds: fp32 matrix-vector products over a --bw-mb weight
-     matrix in numpy, torch and jax (bytes of the matrix / time), and a numpy array copy (bytes read + written /
-     time). The bandwidth used is the best matvec rate seen (max over frameworks and rounds): the matvec streams a
-     matrix once with negligible compute, exactly the access pattern of a decode step, so it is the rate a decode
-     step can reach on this machine; a copy also writes (and write-allocates), which decode does not;
+  7. the memory-bandwidth bound, measured in the same rounds over a --bw-mb fp32 weight matrix (far larger than the
+     caches): matrix-vector products in numpy, torch and jax (one stream each), glm-jax's own packed product at one
+     row (the decode step's kernel: tiles read side by side, rows split over the threads), and a jax sum of four
+     arrays (four streams at once), each as bytes read / time; and a numpy array copy (bytes read + written / time).
+     The bandwidth used is the best read rate seen (max over the read probes and rounds): each streams its bytes once
+     with negligible compute, as a decode step streams its weights, and the best of several stream patterns is what
+     a step can reach on this machine; a copy also writes (and write-allocates), which decode does not;
      bytes per decode step = every parameter once (fp32; the tied embedding is read in full by the output projection)
        + the key/value cache that the step must read (2 * L * D * 4 bytes per attended key: context incl. <sop> plus
        the tokens generated so far, averaged over the N-1 steps). glm-jax's cache is padded (P + G columns; on CPU
@@ -239,8 +241,8 @@ def sat_generate(torch, model, update_mems, batch, n_new, margins=False, sync=la
 
 
 class Probes:
-  """fp32 matvec streaming rates (numpy / torch / jax), a numpy copy rate and jax's fp32 matmul FLOP/s on a square
-  2048 x 2048 product (the peak); keeps the best seen of each."""
+  """fp32 read rates (matvec in numpy / torch / jax, the packed decode kernel at one row, a four-stream sum), a
+  numpy copy rate and jax's fp32 matmul FLOP/s on a square 2048 x 2048 product (the peak); keeps the best of each."""
 
   def __init__(self, np, torch, jax, jnp, mb, seed):
     n = int((mb * 2 ** 20 / 4) ** 0.5)
@@ -266,6 +268,16 @@ class Probes:
         'W@X[:, 8] jax': (lambda: mv(wj, x8j).block_until_ready(), 1),
         'copy numpy (read+write)': (lambda: np.copyto(dst, src), 2),
     }
+    from glm_jax import cpu_kernels
+    if cpu_kernels.available():  # the decode step's own kernel, at one row
+      wp, x1 = jnp.asarray(cpu_kernels.pack(w)), jnp.asarray(x[None])
+      packed = jax.jit(lambda x, w: cpu_kernels.packed_matmul(x, w, n))
+      packed(x1, wp).block_until_ready()
+      self.probes['packed matvec jax'] = (lambda: packed(x1, wp).block_until_ready(), 1)
+    quarters = [jnp.asarray(q) for q in np.split(src[:4 * (src.size // 4)], 4)]
+    sum4 = jax.jit(lambda a, b, c, d: a.sum() + b.sum() + c.sum() + d.sum())
+    sum4(*quarters).block_until_ready()
+    self.probes['4-stream sum jax'] = (lambda: sum4(*quarters).block_until_ready(), 1)
     self.best = {k: 0.0 for k in self.probes}
     a = jnp.asarray(rng.standard_normal((2048, 2048), dtype=np.float32))
     mm = jax.jit(jnp.matmul)
@@ -282,7 +294,7 @@ class Probes:
 
   @property
   def bandwidth(self):
-    k = max((k for k in self.best if k.startswith('matvec')), key=self.best.get)
+    k = max((k for k in self.best if not k.startswith('copy')), key=self.best.get)
     return self.best[k], k
 
 
@@ -312,7 +324,7 @@ def main(argv=None):
     sys.path.insert(0, os.path.abspath(args.glm_jax_path))
   import importlib
   import glm_jax
-  from glm_jax import GLM, from_sat_state_dict
+  from glm_jax import from_sat_state_dict
   from glm_jax.generation import decode as D
   from glm_jax.model import GLMConfig
   from tests import sat_reference as R
@@ -344,12 +356,13 @@ def main(argv=None):
                                   layernorm_epsilon=cfg.layernorm_epsilon, seed=args.seed, init_std=0.02)
   sd = {k: -v if k == 'transformer.final_layernorm.weight' else v for k, v in R.state_dict_numpy(sat_model).items()}
   R.load_state_dict_numpy(sat_model, sd)
-  params = jax.tree.map(jnp.asarray, from_sat_state_dict(sd, config.model))
+  params = from_sat_state_dict(sd, config.model)
   del sd
   update_mems = R._import_sat()['update_mems']
-  decoder = D.Decoder(GLM(config.model), config.model)
+  decoder = D.Decoder(config.model)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(params))
+  params = decoder.prepare(params)  # the decoder's own format (packed on CPU)
   print(f'config {args.config}: L={cfg.num_layers} D={cfg.hidden_size} N={cfg.num_attention_heads} '
         f'F={cfg.inner_hidden_size} V={cfg.vocab_size}, {n_params / 1e6:.1f}M parameters ({weight_bytes / 1e6:.0f} MB '
         f'fp32); SAT built and converted in {time.perf_counter() - t0:.1f} s')
@@ -452,10 +465,10 @@ def main(argv=None):
   # ---------------------------------------------------------------------------------------------------------- report
   bandwidth, bw_src = bw.bandwidth
   print(f'\nbandwidth probes, best over {args.repeats * len(results) + 2} rounds, {bw.nbytes / 2 ** 20:.0f} MB fp32 '
-        f'matrix ({bw.n}x{bw.n}), GB/s of matrix bytes: '
+        f'matrix ({bw.n}x{bw.n}), GB/s of bytes read: '
         + ', '.join(f'{k} {v / 1e9:.1f}' for k, v in bw.best.items())
-        + f'\n  -> bandwidth = {bandwidth / 1e9:.1f} GB/s ({bw_src}; the best matvec: a decode step streams its weights '
-          'the same way)')
+        + f'\n  -> bandwidth = {bandwidth / 1e9:.1f} GB/s ({bw_src}; the best read rate: a decode step streams its '
+          'weights the same ways)')
   print(f'bytes per decode step: weights {weight_bytes / 1e6:.1f} MB (all {n_params / 1e6:.1f}M parameters, the tied '
         f'[V, D] embedding read in full by the output projection) + the keys/values a step must read '
         f'(2*L*D*4 = {kv_bytes_per_key / 1e3:.1f} kB per attended key per row):')

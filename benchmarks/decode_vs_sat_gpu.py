@@ -64,7 +64,7 @@ def main(argv=None):
   real_current_device = torch.cuda.current_device
 
   import decode_vs_sat as B  # the prompts and SAT's batch layout
-  from glm_jax import GLM, from_sat_state_dict
+  from glm_jax import from_sat_state_dict
   from glm_jax.generation import decode as D
   from glm_jax.model import GLMConfig
   from tests import sat_reference as R
@@ -79,10 +79,10 @@ def main(argv=None):
   torch.cuda.current_device = real_current_device  # the CPU harness points it at the CPU
   sd = {k: -v if k == 'transformer.final_layernorm.weight' else v for k, v in R.state_dict_numpy(sat).items()}
   R.load_state_dict_numpy(sat, sd)
-  params = jax.device_put(from_sat_state_dict(sd, config.model), jax.devices()[0])
+  decoder = D.Decoder(config.model)
+  params = decoder.prepare(from_sat_state_dict(sd, config.model))
   sat = sat.cuda().eval()
   update_mems = R._import_sat()['update_mems']
-  decoder = D.Decoder(GLM(config.model), config.model)
   print(f'== decode_vs_sat_gpu: small config, fp32 (JAX matmul precision {args.precision}), greedy, '
         f'{args.new_tokens} new tokens; torch {torch.__version__}, jax {jax.__version__}, '
         f'{torch.cuda.get_device_name()} ==', flush=True)

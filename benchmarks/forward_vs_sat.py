@@ -133,7 +133,7 @@ def main(argv=None):
   sys.path.insert(0, REPO)
   import importlib
   from glm_jax import GLM, GLMConfig, from_sat_state_dict
-  from glm_jax.model import unstack_layers
+  from glm_jax.weights import unstack_layers
   from tests import sat_reference as R
 
   config = importlib.import_module(f'configs.{args.config}').get_config()
@@ -281,14 +281,14 @@ def main(argv=None):
         + f' GFLOP/s -> peak = {peak / 1e9:.1f} GFLOP/s ({peak_src}); by CPU time: '
         + ', '.join(f'{k} {v / 1e9:.1f}' for k, v in peak_cpu.items()) + f' -> {peak_c / 1e9:.1f} ({peak_c_src})')
   print(f'FLOPs per forward (matmuls only; non-embedding matmul parameters P = {results[0]["matmul_params"]:,}):')
-  from glm_jax import model as model_lib
+  from glm_jax import flops as flops_lib
   for r in results:
     b, s = (int(v) for v in r['size'].split('x'))
     check = ''
-    if hasattr(model_lib, 'forward_flops_per_token'):
-      same = abs(model_lib.forward_flops_per_token(cfg, s) * b * s - r['flops']) <= 1e-9 * r['flops']
-      check = '  (agrees with glm_jax.model.forward_flops_per_token)' if same else \
-          '  (DIFFERS from glm_jax.model.forward_flops_per_token)'
+    if hasattr(flops_lib, 'forward_flops_per_token'):
+      same = abs(flops_lib.forward_flops_per_token(cfg, s) * b * s - r['flops']) <= 1e-9 * r['flops']
+      check = '  (agrees with glm_jax.flops.forward_flops_per_token)' if same else \
+          '  (DIFFERS from glm_jax.flops.forward_flops_per_token)'
     print(f'  {r["size"]:>7}: ' + ' + '.join(f'{k} {v / 1e9:.2f}' for k, v in r['parts'].items())
           + f' = {r["flops"] / 1e9:.2f} GFLOP{check}')
 

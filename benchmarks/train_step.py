@@ -5,7 +5,7 @@
     python benchmarks/train_step.py --runs small:8x512 --steps 3
 
 MFU = tokens/s x model FLOPs per token (forward + backward = 3x the forward's matmul FLOPs, no recomputation;
-glm_jax.model.train_flops_per_token) / peak, where peak is this machine's fp32 matmul FLOP/s measured in the same
+glm_jax.flops.train_flops_per_token) / peak, where peak is this machine's fp32 matmul FLOP/s measured in the same
 run with the same threads (the best of jax's and numpy's square matmuls, which is named). Batches come from the
 real data pipeline (GLM's [MASK]/[gMASK] mix on the sample corpus) with a tokenizer trained on the fly, so masks
 and packing are those of a real run. The machine is shared and noisy: read the ratio, not the absolute times.
@@ -73,7 +73,8 @@ def bench(config, steps: int, tokenizer, corpus):
   import jax
   from glm_jax import GLM, sharding
   from glm_jax.data.pipeline import TrainBatches
-  from glm_jax.model import GLMConfig, train_flops_per_token
+  from glm_jax.flops import train_flops_per_token
+  from glm_jax.model import GLMConfig
   from glm_jax.train.step import init_train_state, make_train_step
 
   config.model.vocab_size = tokenizer.vocab_size

@@ -49,14 +49,9 @@ def model_defaults() -> ml_collections.ConfigDict:
   # --- layout of the layers ---------------------------------------------------------------------------------------
   # True: one scanned block with every layer parameter stacked along a leading 'layers' axis (params['layers']):
   # one compiled layer whatever num_layers, the layout of training and of checkpoints. False: L separate blocks
-  # params['layers_0'] ... (glm_jax.model.unstack_layers converts), no per-layer weight copy out of the stack:
+  # params['layers_0'] ... (glm_jax.weights.unstack_layers converts), no per-layer weight copy out of the stack:
   # faster inference, longer compiles. Decoding always runs unstacked (glm_jax/generation/decode.py).
   m.scan_layers = True
-  # Storage of the four layer kernels: 'in_out' ([in..., out...], the checkpoint layout), 'out_in' ([out..., in...],
-  # glm_jax.model.to_out_in_kernels converts), whose vector-matrix products stream faster on CPU, or 'packed' (per-layer
-  # weights only; W [O, I] in tiles of rows with the tied embedding too, to_packed_kernels converts) for the CPU kernel
-  # of glm_jax/cpu_kernels.py. The decoder picks 'packed' on CPU (float32, no mesh), else 'out_in'.
-  m.kernel_layout = 'in_out'
   return m
 
 

@@ -3,26 +3,28 @@
 decode_context: a decode step's attention, reading only the cache columns that each row's mask allows. XLA:CPU
 computes it as batched matrix-vector products over the whole padded cache (prompt bucket + generation bucket, on one
 thread), so a step reads every column of the cache however few are in use. The kernel reads the allowed columns only
-and splits the rows over XLA's intra-op thread pool; the math is the model's (`model.attention_context`): scores
-q.k * c, masked ones at MASKED_SCORE * c, softmax over all columns, then the weighted values. A masked column's
-weight exp(MASKED_SCORE * c - max) is exactly zero unless every allowed score lies within ~88 of the fill; the kernel
-then falls back to attending over every column itself.
+and splits the rows over XLA's intra-op thread pool; the math is the model's (`model.attention_context`, which the
+decoder passes in with the model's masked-score value): scores q.k * c, masked ones at masked_score * c, softmax over
+all columns, then the weighted values. A masked column's weight exp(masked_score * c - max) is exactly zero unless
+every allowed score lies within ~88 of the fill; the kernel then falls back to attending over every column itself.
 
-packed_matmul: x @ W.T for a weight W [O, I] packed in tiles of four rows (`pack`, the decoder's 'packed' kernel
-layout). XLA's product of 8 rows against a weight reaches neither the core's FMA peak nor its bandwidth and reads the
-weight as one stream; the kernel fills every FMA lane at 8 rows and reads three tiles side by side (see
-packed_matmul.cc; benchmarks/decode_vs_sat.py --profile, with and without GLM_JAX_CPU_KERNELS=0, compares the two).
+packed_matmul: x @ W.T for a weight W [O, I] packed in tiles of four rows (`pack`): the weight format 'packed'
+(`PackedWeight`, registered with glm_jax/weights.py). XLA's product of 8 rows against a weight reaches neither the
+core's FMA peak nor its bandwidth and reads the weight as one stream; the kernel fills every FMA lane at 8 rows and
+reads three tiles side by side (see packed_matmul.cc; benchmarks/decode_vs_sat.py --profile, with and without
+GLM_JAX_CPU_KERNELS=0, compares the two).
 
 Both are compiled with the system C++ compiler ($CXX, else g++) against jax's FFI headers into one library, cached
 under $GLM_JAX_CACHE (default ~/.cache/glm_jax). They need an x86-64 CPU with AVX2 and FMA. Without a compiler or such
 a CPU, or with GLM_JAX_CPU_KERNELS=0, `available()` is False (a failed build says why in a warning, once): decoding
-then keeps XLA's attention and the 'out_in' layout. The attention kernel is also left out on another platform, under
-a device mesh, or in a dtype other than float32.
+then keeps XLA's attention and the 'out_in' format (the decoder's `decode_format` decides). The attention kernel is
+also left out on another platform, under a device mesh, or in a dtype other than float32.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -33,10 +35,13 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from glm_jax import weights
 
 _SOURCES = tuple(Path(__file__).parent / 'csrc' / name for name in ('decode_attention.cc', 'packed_matmul.cc'))
 _HEADERS = (Path(__file__).parent / 'csrc' / 'parallel.h',)
@@ -107,9 +112,10 @@ def available() -> bool:
     return _state['ok']
 
 
-def decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, heads, reference):
+def decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, heads, *, reference, masked_score: float):
   """The attention context [R, 1, H] of a decode step (S = 1) with the kernel on CPU, and `reference` (a function of
-  the same arguments, model.attention_context) wherever the kernel does not apply."""
+  the same arguments, model.attention_context, whose masked scores are masked_score * c) wherever the kernel does not
+  apply."""
   r, s, h = q_RxSxH.shape
   applies = (s == 1 and h % 8 == 0 and mask_Bx1xSxT.shape[2] == 1 and r % mask_Bx1xSxT.shape[0] == 0
              and all(x.dtype == jnp.float32 for x in (q_RxSxH, k_RxTxH, v_RxTxH))
@@ -120,7 +126,8 @@ def decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, heads, reference)
   def kernel(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c):
     mask_BxT = mask_Bx1xSxT[:, 0, 0, :]
     ctx_RxH = jax.ffi.ffi_call('glm_jax_decode_attention', jax.ShapeDtypeStruct((r, h), jnp.float32))(
-        q_RxSxH[:, 0], k_RxTxH, v_RxTxH, mask_BxT, jnp.asarray(c, jnp.float32).reshape(()))
+        q_RxSxH[:, 0], k_RxTxH, v_RxTxH, mask_BxT, jnp.asarray(c, jnp.float32).reshape(()),
+        masked_score=np.float32(masked_score))
     return ctx_RxH[:, None]
 
   return jax.lax.platform_dependent(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, cpu=kernel,
@@ -128,7 +135,7 @@ def decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, heads, reference)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Packed products
+# Packed products: the weight format 'packed'
 
 
 def pack(w_OxI):
@@ -169,3 +176,32 @@ def packed_matmul(x_MxI, w_TxIxR, out_features: int):
   if not available():
     return reference(x_MxI, w_TxIxR)
   return jax.lax.platform_dependent(x_MxI, w_TxIxR, cpu=kernel, default=reference)
+
+
+@weights.register
+@dataclasses.dataclass(frozen=True)
+class PackedWeight(weights.Weight):
+  """W [O, I] in tiles of TILE_ROWS rows, [T, I, TILE_ROWS] (`pack`): products by `packed_matmul`, and the tied
+  embedding's rows looked up in place (no second copy)."""
+  name: ClassVar[str] = 'packed'
+  w: Any
+  spec: weights.Spec
+
+  @classmethod
+  def convert(cls, w, spec):
+    return pack(spec.o_by_i(w))
+
+  @classmethod
+  def axes(cls, spec):
+    return (None, None, None)
+
+  def matmul(self, x):
+    lead = x.shape[:x.ndim - len(self.spec.in_shape)]
+    y32_MxO = packed_matmul(x.reshape(-1, self.spec.i), self.w, self.spec.o)
+    return y32_MxO.reshape(lead + self.spec.out_shape)
+
+  def lookup(self, ids):
+    return packed_rows(self.w, ids)
+
+  def to_checkpoint(self):
+    return self.spec.from_o_by_i(unpack(self.w, self.spec.o))

@@ -15,6 +15,10 @@ MLP: x1 * gelu(x2) with exact-erf GELU, x1 the first ("value") half of dense_h_t
 Conventions: attention_mask is bool, True = may attend; shapes are in the names (B batch, S query length,
 T key length, D hidden, N heads, H head dim, F GeGLU width, V vocabulary, L layers). Every parameter and the
 main activations carry logical axis names, mapped to mesh axes by `config.axis_rules` (see sharding.py).
+
+The five big matrices (four kernels per layer and the tied embedding) are declared by their `weight_specs` and used
+through glm_jax/weights.py, in the storage format the module is built with: `GLM(config.model, weight_format=...)`
+(the checkpoint layout 'in_out' by default). A decode step's attention may be given a kernel (`decode_attention`).
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax import cpu_kernels, rope
+from glm_jax import rope, weights
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 MASKED_SCORE = -10000.0  # SAT's fill value for masked attention scores
@@ -55,7 +59,6 @@ class GLMConfig:
   init_std: float = 0.0
   remat_policy: str = 'none'
   scan_layers: bool = True
-  kernel_layout: str = 'in_out'
 
   @classmethod
   def make(cls, config: Any) -> 'GLMConfig':
@@ -63,6 +66,9 @@ class GLMConfig:
     if isinstance(config, cls):
       return config
     values = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
+    if values.pop('kernel_layout', 'in_out') != 'in_out':  # an inference choice older configs carried
+      raise ValueError('config.model.kernel_layout is gone: the storage of the weights is GLM(..., weight_format=) '
+                       '(glm_jax/weights.py)')
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -82,11 +88,6 @@ class GLMConfig:
         raise ValueError(f'config.model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}')
     if self.rope_precision not in ('fp32', 'fp16_chain'):
       raise ValueError(f"config.model.rope_precision must be 'fp32' or 'fp16_chain', got {self.rope_precision!r}")
-    if self.kernel_layout not in ('in_out', 'out_in', 'packed'):
-      raise ValueError(f"config.model.kernel_layout must be 'in_out', 'out_in' or 'packed', got "
-                       f'{self.kernel_layout!r}')
-    if self.kernel_layout == 'packed' and self.scan_layers:
-      raise ValueError("config.model.kernel_layout='packed' needs scan_layers=False (per-layer weights)")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'config.model.remat_policy must be one of {sorted(REMAT_POLICIES)}, '
                        f'got {self.remat_policy!r}')
@@ -149,91 +150,24 @@ def _param(module, name, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-# The four layer kernels: how many leading axes of their [in..., out...] shape are inputs, and their rank.
-KERNEL_IN_AXES = {'qkv_kernel': 1, 'dense_kernel': 2, 'h_to_4h_kernel': 1, '4h_to_h_kernel': 1}
-KERNEL_NDIM = {'qkv_kernel': 4, 'dense_kernel': 3, 'h_to_4h_kernel': 3, '4h_to_h_kernel': 2}
+def weight_specs(cfg: GLMConfig) -> dict[str, weights.Spec]:
+  """The model's big matrices by parameter name: x [..., *in] @ W -> [..., *out], logical axes, checkpoint layout."""
+  d, n, h, f, v = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.inner_hidden_size, cfg.vocab_size
+  spec = weights.Spec
+  return {
+      'qkv_kernel': spec((d,), (n, 3, h), ('embed',), ('heads', 'qkv', 'kv')),  # head-major rows: q, k, v per head
+      'dense_kernel': spec((n, h), (d,), ('heads', 'kv'), ('embed',)),
+      # [D, 2, F]: index 0 of 'glu' is the value half, 1 the gelu half; splitting F over 'tensor' gives each shard
+      # matching value and gate columns, which is SAT's GLU-interleaved tensor-parallel layout.
+      'h_to_4h_kernel': spec((d,), (2, f), ('embed',), ('glu', 'mlp')),
+      '4h_to_h_kernel': spec((f,), (d,), ('mlp',), ('embed',)),
+      'word_embeddings': spec((d,), (v,), ('embed',), ('vocab',), checkpoint='out_in'),  # tied: [V, D]
+  }
 
 
-def _out_in_perm(ndim, n_in, lead=0):
-  """The transpose of [lead..., in..., out...] to [lead..., out..., in...]."""
-  return tuple(range(lead)) + tuple(range(lead + n_in, ndim)) + tuple(range(lead, lead + n_in))
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedKernel:
-  """A kernel in the 'packed' layout: W [O, I] (O, I the products of its output and input axes) in tiles of rows,
-  [T, I, 4] (cpu_kernels.pack), and its logical output axes. Decoding on CPU uses it (cpu_kernels.packed_matmul)."""
-  w: Any
-  out_shape: tuple
-
-
-def _as_o_by_i(w, n_in):
-  """A kernel [in..., out...] as the matrix W [O, I] that the packed layout stores."""
-  return w.reshape(math.prod(w.shape[:n_in]), -1).T
-
-
-def _packed_param(module, name, init_OxI, o, i, dtype):
-  """The array of a PackedKernel: W [o, i], made by init_OxI(key, dtype), in tiles of rows (cpu_kernels.pack)."""
-  return _param(module, name, lambda key, _, dt: cpu_kernels.pack(init_OxI(key, dt)),
-                (-(-o // cpu_kernels.TILE_ROWS), i, cpu_kernels.TILE_ROWS), (None, None, None), dtype)
-
-
-def _kernel(module, name, init, shape, axes):
-  """A layer kernel of logical shape [in..., out...]; stored [out..., in...] when kernel_layout is 'out_in', packed
-  (a PackedKernel) when it is 'packed'."""
-  cfg = module.cfg
-  if cfg.kernel_layout == 'in_out':
-    return _param(module, name, init, shape, axes, cfg.weight_dtype)
-  n_in = KERNEL_IN_AXES[name]
-  if cfg.kernel_layout == 'packed':
-    i, o = math.prod(shape[:n_in]), math.prod(shape[n_in:])
-    w = _packed_param(module, name, lambda key, dtype: _as_o_by_i(init(key, shape, dtype), n_in), o, i,
-                      cfg.weight_dtype)
-    return PackedKernel(w, tuple(shape[n_in:]))
-  perm = _out_in_perm(len(shape), n_in)
-  return _param(module, name, lambda key, _, dtype: jnp.transpose(init(key, shape, dtype), perm),
-                tuple(shape[i] for i in perm), tuple(axes[i] for i in perm), cfg.weight_dtype)
-
-
-def to_out_in_kernels(params):
-  """Layer kernels from the checkpoint layout [in..., out...] to [out..., in...] (kernel_layout='out_in'), stacked
-  or per layer. Vector-matrix products, a decode step's matmuls, stream a weight 1.4-2x faster on CPU this way."""
-  def convert(path, w):
-    name = getattr(path[-1], 'key', None)
-    if name not in KERNEL_IN_AXES:
-      return w
-    lead = w.ndim - KERNEL_NDIM[name]
-    return jnp.transpose(w, _out_in_perm(w.ndim, KERNEL_IN_AXES[name], lead))
-  return jax.tree_util.tree_map_with_path(convert, params)
-
-
-def to_packed_kernels(params):
-  """Per-layer parameters (unstack_layers) to kernel_layout='packed': the four layer kernels and the tied embedding
-  as W [O, I] in tiles of rows (cpu_kernels.pack)."""
-  def convert(path, w):
-    name = getattr(path[-1], 'key', None)
-    if name == 'word_embeddings':
-      return cpu_kernels.pack(w)
-    if name not in KERNEL_IN_AXES:
-      return w
-    if w.ndim != KERNEL_NDIM[name]:
-      raise ValueError(f'to_packed_kernels takes per-layer parameters (unstack_layers); {name} has shape {w.shape}')
-    return cpu_kernels.pack(_as_o_by_i(w, KERNEL_IN_AXES[name]))
-  return jax.tree_util.tree_map_with_path(convert, params)
-
-
-def _is_split(logical_axis: str) -> bool:
-  """Whether the active axis rules and mesh (sharding.activate) split this logical axis over more than one device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return False
-  target = nn.logical_to_mesh_axes((logical_axis,))[0]
-  names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-  return math.prod(mesh.shape[a] for a in names) > 1
-
-
-def _constrain(x, axes):
-  return nn.with_logical_constraint(x, axes)
+def _matrix(module, cfg: GLMConfig, name, init):
+  """The big matrix `name` of weight_specs, in the module's weight format (a weights.Weight)."""
+  return weights.get(module.weight_format).declare(module, name, weight_specs(cfg)[name], init, cfg.weight_dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -276,64 +210,6 @@ def _add_bias(y32, bias, dt, fused_bias):
   return y32.astype(dt) + bias.astype(dt)
 
 
-def linear(eq, x, kernel, bias=None, *, fused_bias):
-  """The matmul seam of the four big linears: x @ kernel in x's dtype with fp32 accumulation."""
-  dt = x.dtype
-  return _add_bias(jnp.einsum(eq, x, kernel.astype(dt), preferred_element_type=jnp.float32), bias, dt, fused_bias)
-
-
-# Up to this many rows (tokens), an output-major [O, I] kernel is applied as kernel @ x.T and the small [O, M] result
-# transposed back: a decode step's product. On XLA:CPU, x @ kernel.T with 8 to 32 rows takes 1.5-2x as long as
-# kernel @ x.T on the small config's kernels; from 128-256 rows on it is the faster GEMM (one core, M = 1..512).
-OUTPUT_MAJOR_MAX_ROWS = 64
-
-
-def _linear_out_in(x_MxI, kernel, bias, *, ins, outs, fused_bias):
-  """x @ kernel for an output-major kernel [outs..., ins...] and few rows x [M, ins...], computed as kernel @ x.T
-  and transposed back (see OUTPUT_MAJOR_MAX_ROWS)."""
-  dt = x_MxI.dtype
-  y32_OxM = jnp.einsum(f'{outs}{ins},M{ins}->{outs}M', kernel.astype(dt), x_MxI, preferred_element_type=jnp.float32)
-  y_OxM = _add_bias(y32_OxM, None if bias is None else bias[..., None], dt, fused_bias)
-  # The barrier keeps XLA from folding the transpose into the product, which would turn it back into x @ kernel.T.
-  return jnp.moveaxis(jax.lax.optimization_barrier(y_OxM), -1, 0)
-
-
-def project(eq, x, kernel, bias, *, n_in, layout, fused_bias, flat=False):
-  """x @ kernel (`linear`) for a kernel stored in `layout`: 'in_out' [in..., out...], the kernel of the einsum `eq`,
-  or 'out_in' [out..., in...], the same axes with the inputs last; its n_in input axes contract x's trailing axes.
-  A PackedKernel (layout 'packed') goes to cpu_kernels.packed_matmul whatever `layout` says.
-
-  flat=True runs one 2-D product over the kernel reshaped to [I, O] / [O, I]: on a kernel with several output axes
-  XLA otherwise transposes it to put the contracted axes together, a weight copy per call (and in training per
-  backward pass). Callers flatten only where the merge keeps the sharding (the split axis leads its group, as the
-  QKV kernel's heads); the GeGLU kernel's [2, F] only when F is not split (merged, it would be gathered).
-  """
-  if isinstance(kernel, PackedKernel):
-    lead = x.shape[:x.ndim - n_in]
-    i = math.prod(x.shape[x.ndim - n_in:])
-    y32_MxO = cpu_kernels.packed_matmul(x.reshape(-1, i), kernel.w, math.prod(kernel.out_shape))
-    y = _add_bias(y32_MxO, None if bias is None else bias.reshape(-1), x.dtype, fused_bias)
-    return y.reshape(lead + kernel.out_shape)
-  k_io = eq.split('->')[0].split(',')[1]  # the kernel's axis letters, in_out order
-  ins, outs = k_io[:n_in], k_io[n_in:]
-  in_out = layout == 'in_out'
-  lead = x.shape[:x.ndim - n_in]
-  out_shape = kernel.shape[n_in:] if in_out else kernel.shape[:kernel.ndim - n_in]
-  if flat:
-    o = math.prod(out_shape)
-    i = kernel.size // o
-    kernel = kernel.reshape((i, o) if in_out else (o, i))
-    x = x.reshape(lead + (i,))
-    bias = None if bias is None else bias.reshape(o)
-    ins, outs = 'i', 'o'
-  if not in_out and math.prod(lead) <= OUTPUT_MAJOR_MAX_ROWS:
-    y = _linear_out_in(x.reshape((-1,) + x.shape[len(lead):]), kernel, bias, ins=ins, outs=outs,
-                       fused_bias=fused_bias)
-  else:
-    y = linear(f'...{ins},{ins + outs if in_out else outs + ins}->...{outs}', x, kernel, bias, fused_bias=fused_bias)
-  return y.reshape(lead + out_shape)
-
-
 def attention_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, heads, dropout=None):
   """softmax(q.k * c) v for each row r = b*N + n of N `heads` per sequence (q already divided by sqrt(H)*c), a masked
   score set to MASKED_SCORE*c as SAT does; the scores in fp32, the probabilities in q's dtype, `dropout` on them."""
@@ -352,23 +228,23 @@ def attention_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, heads, dropout
 
 class Attention(nn.Module):
   cfg: GLMConfig
+  weight_format: str
   deterministic: bool = True
+  decode_attention: Callable | None = None
 
   @nn.compact
   def __call__(self, y_BxSxD, layer_id, rope_parts, mask_Bx1xSxT, cache_kv=None, cache_index=None):
     cfg = self.cfg
     d, n, h = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-    wdt = cfg.weight_dtype
+    wdt, dt = cfg.weight_dtype, y_BxSxD.dtype
     beta = (2 * cfg.num_layers) ** -0.5
-    qkv_kernel = _kernel(self, 'qkv_kernel', _qkv_init(cfg), (d, n, 3, h), ('embed', 'heads', 'qkv', 'kv'))
+    qkv = _matrix(self, cfg, 'qkv_kernel', _qkv_init(cfg))
     qkv_bias = _param(self, 'qkv_bias', nn.initializers.zeros, (n, 3, h), ('heads', 'qkv', 'kv'), wdt)
-    out_kernel = _kernel(self, 'dense_kernel', _xavier_normal(beta, d, d), (n, h, d), ('heads', 'kv', 'embed'))
+    out = _matrix(self, cfg, 'dense_kernel', _xavier_normal(beta, d, d))
     out_bias = _param(self, 'dense_bias', nn.initializers.zeros, (d,), ('norm',), wdt)
 
-    layout = cfg.kernel_layout
-    qkv_BxSxNx3xH = project('bsd,dnth->bsnth', y_BxSxD, qkv_kernel, qkv_bias, n_in=1, layout=layout, fused_bias=True,
-                            flat=True)
-    qkv_BxSxNx3xH = _constrain(qkv_BxSxNx3xH, ('batch', 'length', 'act_heads', None, None))
+    qkv_BxSxNx3xH = _add_bias(qkv.matmul(y_BxSxD), qkv_bias, dt, fused_bias=True)
+    qkv_BxSxNx3xH = nn.with_logical_constraint(qkv_BxSxNx3xH, ('batch', 'length', 'act_heads', None, None))
     q_BxSxNxH, k_BxSxNxH, v_BxSxNxH = (qkv_BxSxNx3xH[:, :, :, i] for i in range(3))
     q_BxSxNxH = rope.apply_rope_parts(q_BxSxNxH, rope_parts)
     k_BxSxNxH = rope.apply_rope_parts(k_BxSxNxH, rope_parts)
@@ -392,21 +268,20 @@ class Attention(nn.Module):
     q_RxSxH = q_RxSxH / (math.sqrt(h) * c).astype(q_RxSxH.dtype)
     # (made on both paths, so that the hidden dropout below keeps its module name and random stream)
     dropout = functools.partial(nn.Dropout(cfg.attention_dropout), deterministic=self.deterministic)
-    if cache_kv is not None and s == 1 and self.deterministic:  # a decode step: a CPU kernel where it applies
-      ctx_RxSxH = cpu_kernels.decode_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n,
-                                             reference=attention_context)
+    if cache_kv is not None and s == 1 and self.deterministic and self.decode_attention is not None:
+      ctx_RxSxH = self.decode_attention(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n)  # a decode step's kernel
     else:
       ctx_RxSxH = attention_context(q_RxSxH, k_RxTxH, v_RxTxH, mask_Bx1xSxT, c, n, dropout)
     ctx_BxSxNxH = jnp.swapaxes(ctx_RxSxH.reshape(b, n, s, h), 1, 2)
-    ctx_BxSxNxH = _constrain(ctx_BxSxNxH, ('batch', 'length', 'act_heads', None))
-    out_BxSxD = project('bsnh,nhd->bsd', ctx_BxSxNxH, out_kernel, out_bias, n_in=2, layout=layout, fused_bias=False,
-                        flat=True)
+    ctx_BxSxNxH = nn.with_logical_constraint(ctx_BxSxNxH, ('batch', 'length', 'act_heads', None))
+    out_BxSxD = _add_bias(out.matmul(ctx_BxSxNxH), out_bias, dt, fused_bias=False)
     out_BxSxD = nn.Dropout(cfg.hidden_dropout)(out_BxSxD, deterministic=self.deterministic)
     return out_BxSxD, new_cache
 
 
 class MLP(nn.Module):
   cfg: GLMConfig
+  weight_format: str
   deterministic: bool = True
 
   @nn.compact
@@ -414,47 +289,54 @@ class MLP(nn.Module):
     cfg = self.cfg
     d, f = cfg.hidden_size, cfg.inner_hidden_size
     beta = (2 * cfg.num_layers) ** -0.5
-    wdt = cfg.weight_dtype
-    # [D, 2, F]: index 0 of the 'glu' axis is the value half, 1 the gelu half; splitting F over 'tensor' gives each
-    # shard matching value and gate columns, which is SAT's GLU-interleaved tensor-parallel layout.
-    w1 = _kernel(self, 'h_to_4h_kernel', _xavier_normal(beta, d, 2 * f), (d, 2, f), ('embed', 'glu', 'mlp'))
+    wdt, dt = cfg.weight_dtype, y_BxSxD.dtype
+    w1 = _matrix(self, cfg, 'h_to_4h_kernel', _xavier_normal(beta, d, 2 * f))
     b1 = _param(self, 'h_to_4h_bias', nn.initializers.zeros, (2, f), ('glu', 'mlp'), wdt)
-    w2 = _kernel(self, '4h_to_h_kernel', _xavier_normal(beta, f, d), (f, d), ('mlp', 'embed'))
+    w2 = _matrix(self, cfg, '4h_to_h_kernel', _xavier_normal(beta, f, d))
     b2 = _param(self, '4h_to_h_bias', nn.initializers.zeros, (d,), ('norm',), wdt)
-    u_BxSx2xF = project('bsd,dgf->bsgf', y_BxSxD, w1, b1, n_in=1, layout=cfg.kernel_layout, fused_bias=True,
-                        flat=not _is_split('mlp'))
-    u_BxSx2xF = _constrain(u_BxSx2xF, ('batch', 'length', None, 'act_mlp'))
+    u_BxSx2xF = _add_bias(w1.matmul(y_BxSxD), b1, dt, fused_bias=True)
+    u_BxSx2xF = nn.with_logical_constraint(u_BxSx2xF, ('batch', 'length', None, 'act_mlp'))
     act_BxSxF = u_BxSx2xF[:, :, 0] * gelu(u_BxSx2xF[:, :, 1])
-    out_BxSxD = project('bsf,fd->bsd', act_BxSxF, w2, b2, n_in=1, layout=cfg.kernel_layout, fused_bias=False)
+    out_BxSxD = _add_bias(w2.matmul(act_BxSxF), b2, dt, fused_bias=False)
     return nn.Dropout(cfg.hidden_dropout)(out_BxSxD, deterministic=self.deterministic)
 
 
 class Block(nn.Module):
   """One DeepNorm layer: scanned over the layer axis (parameters stacked along a leading 'layers' axis), or one of
-  L modules `layers_0` ... `layers_{L-1}` with scan_layers=False (see `unstack_layers`)."""
+  L modules `layers_0` ... `layers_{L-1}` with scan_layers=False (see weights.unstack_layers)."""
   cfg: GLMConfig
+  weight_format: str
   deterministic: bool = True
+  decode_attention: Callable | None = None
 
   @nn.compact
   def __call__(self, x_BxSxD, xs, rope_parts, mask_Bx1xSxT, cache_index):
     layer_id, cache_kv = xs
     alpha = jnp.asarray(self.cfg.deepnorm_alpha, x_BxSxD.dtype)
     y_BxSxD = LayerNorm(self.cfg, name='input_layernorm')(x_BxSxD)
-    a_BxSxD, new_cache = Attention(self.cfg, self.deterministic, name='attention')(
-        y_BxSxD, layer_id, rope_parts, mask_Bx1xSxT, cache_kv, cache_index)
+    a_BxSxD, new_cache = Attention(self.cfg, self.weight_format, self.deterministic, self.decode_attention,
+                                   name='attention')(y_BxSxD, layer_id, rope_parts, mask_Bx1xSxT, cache_kv, cache_index)
     z_BxSxD = y_BxSxD * alpha + a_BxSxD
     y2_BxSxD = LayerNorm(self.cfg, name='post_attention_layernorm')(z_BxSxD)
-    m_BxSxD = MLP(self.cfg, self.deterministic, name='mlp')(y2_BxSxD)
-    out_BxSxD = _constrain(y2_BxSxD * alpha + m_BxSxD, ('batch', 'length', 'act_embed'))
+    m_BxSxD = MLP(self.cfg, self.weight_format, self.deterministic, name='mlp')(y2_BxSxD)
+    out_BxSxD = nn.with_logical_constraint(y2_BxSxD * alpha + m_BxSxD, ('batch', 'length', 'act_embed'))
     return out_BxSxD, new_cache
 
 
 class GLM(nn.Module):
-  """GLM-130B. Build it from the `config.model` ConfigDict of a config file: `GLM(config.model)`."""
+  """GLM-130B. Build it from the `config.model` ConfigDict of a config file: `GLM(config.model)`.
+
+  weight_format: how the big matrices are stored (glm_jax/weights.py; 'in_out' is the checkpoint layout).
+  decode_attention: optional f(q [R, 1, H], k, v [R, T, H], mask [B, 1, 1, T], c, heads) -> [R, 1, H] computing a
+    decode step's attention (one new token with a cache, no dropout) as `attention_context` does; e.g. a CPU kernel.
+  """
   config: Any
+  weight_format: str = weights.CHECKPOINT_FORMAT
+  decode_attention: Callable | None = None
 
   def __post_init__(self):
     object.__setattr__(self, 'config', GLMConfig.make(self.config))
+    weights.get(self.weight_format)  # a bad name fails here, naming the known formats
     super().__post_init__()
 
   @nn.compact
@@ -471,131 +353,47 @@ class GLM(nn.Module):
       prefill reads one row per prompt, and at GLM-130B's vocabulary the full [B, S, V] would be gigabytes.
     """
     cfg: GLMConfig = self.config
-    dt = cfg.compute_dtype
-    v, d = cfg.vocab_size, cfg.hidden_size
     if attention_mask.dtype != jnp.bool_:
       raise TypeError(f'attention_mask must be bool (True = may attend), got {attention_mask.dtype}')
-    if cfg.kernel_layout == 'packed':
-      embedding = PackedKernel(
-          _packed_param(self, 'word_embeddings', lambda key, dtype: _normal(cfg.base_init_std)(key, (v, d), dtype),
-                        v, d, cfg.weight_dtype), (v,))
-    else:
-      embedding = _param(self, 'word_embeddings', _normal(cfg.base_init_std), (v, d), ('vocab', 'embed'),
-                         cfg.weight_dtype)
-    if input_embedding is not None:
-      x_BxSxD = jnp.take(input_embedding, tokens_BxS, axis=0)
-    elif isinstance(embedding, PackedKernel):
-      x_BxSxD = cpu_kernels.packed_rows(embedding.w, tokens_BxS)
-    else:
-      x_BxSxD = jnp.take(embedding, tokens_BxS, axis=0)
-    x_BxSxD = x_BxSxD.astype(dt)
-    x_BxSxD = _constrain(x_BxSxD, ('batch', 'length', 'act_embed'))
-    x_BxSxD = nn.Dropout(cfg.embedding_dropout)(x_BxSxD, deterministic=deterministic)
-
-    rope_parts = rope.gather_rope(position_ids, cfg.head_dim, cfg.max_sequence_length, cfg.rope_precision,
-                                  cfg.position_encoding_2d)
     if cache is not None and cache_index is None:
       raise ValueError('calling GLM with a cache needs cache_index (where the new keys/values are written)')
+    embedding = _matrix(self, cfg, 'word_embeddings', _normal(cfg.base_init_std))
+    if input_embedding is not None:
+      x_BxSxD = jnp.take(input_embedding, tokens_BxS, axis=0)
+    else:
+      x_BxSxD = embedding.lookup(tokens_BxS)
+    x_BxSxD = nn.with_logical_constraint(x_BxSxD.astype(cfg.compute_dtype), ('batch', 'length', 'act_embed'))
+    x_BxSxD = nn.Dropout(cfg.embedding_dropout)(x_BxSxD, deterministic=deterministic)
+    rope_parts = rope.gather_rope(position_ids, cfg.head_dim, cfg.max_sequence_length, cfg.rope_precision,
+                                  cfg.position_encoding_2d)
 
     block = Block
     if cfg.remat_policy != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    args = (cfg, self.weight_format, deterministic, self.decode_attention)
     if cfg.scan_layers:
       layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
       cache_kv = None if cache is None else (cache['k'], cache['v'])
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxSxD, new_cache_kv = stack(cfg, deterministic, name='layers')(
-          x_BxSxD, (layer_ids, cache_kv), rope_parts, attention_mask, cache_index)
+      x_BxSxD, new_cache_kv = stack(*args, name='layers')(x_BxSxD, (layer_ids, cache_kv), rope_parts, attention_mask,
+                                                         cache_index)
     else:
       # Separate per-layer weights and caches: no per-layer copy out of a stacked array (a dynamic slice of every
       # weight, which costs a sixth of a small forward and most of a decode step), and in-place cache updates.
-      new_k, new_v = [], []
+      layer_caches = []
       for i in range(cfg.num_layers):
         cache_kv = None if cache is None else (cache['k'][i], cache['v'][i])
-        x_BxSxD, layer_cache = block(cfg, deterministic, name=f'layers_{i}')(
-            x_BxSxD, (jnp.int32(i), cache_kv), rope_parts, attention_mask, cache_index)
-        if cache is not None:
-          new_k.append(layer_cache[0])
-          new_v.append(layer_cache[1])
-      new_cache_kv = (tuple(new_k), tuple(new_v))
+        x_BxSxD, layer_cache = block(*args, name=f'layers_{i}')(x_BxSxD, (jnp.int32(i), cache_kv), rope_parts,
+                                                                attention_mask, cache_index)
+        layer_caches.append(layer_cache)
+      new_cache_kv = None if cache is None else tuple(zip(*layer_caches))
 
     if logits_index is not None:
       x_BxSxD = jnp.take_along_axis(x_BxSxD, logits_index[:, None, None], axis=1)
     x_BxSxD = LayerNorm(cfg, name='final_layernorm')(x_BxSxD)
-    # The tied [V, D] embedding is an output-major kernel (or, packed, a PackedKernel).
-    logits_BxSxV = project('bsd,dv->bsv', x_BxSxD, embedding, None, n_in=1, layout='out_in',
-                           fused_bias=True).astype(jnp.float32)
-    logits_BxSxV = _constrain(logits_BxSxV, ('batch', 'length', 'act_vocab'))
+    logits_BxSxV = nn.with_logical_constraint(embedding.matmul(x_BxSxD), ('batch', 'length', 'act_vocab'))
     if cache is None:
       return logits_BxSxV
     return logits_BxSxV, {'k': new_cache_kv[0], 'v': new_cache_kv[1]}
-
-
-def init_cache(model_config, batch: int, max_length: int):
-  """A preallocated key/value cache in the compute dtype: {'k', 'v'} each [L, B*N, max_length, H] (row b*N + n holds
-  head n of sequence b), or with scan_layers=False a tuple of L arrays [B*N, max_length, H].
-
-  Rotated keys are stored (as SAT's mems), so a cached step only rotates its own query and key.
-  """
-  cfg = GLMConfig.make(model_config)
-  shape = (batch * cfg.num_attention_heads, max_length, cfg.head_dim)
-  if cfg.scan_layers:
-    shape = (cfg.num_layers,) + shape
-    return {'k': jnp.zeros(shape, cfg.compute_dtype), 'v': jnp.zeros(shape, cfg.compute_dtype)}
-  return {name: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers)) for name in 'kv'}
-
-
-def take_cache_rows(cache, rows, num_heads: int):
-  """The cache of sequences `rows` (int [R]), in either layout: beam search repeats and reorders beams with it."""
-  def take(x):  # [..., B*N, T, H] -> [..., R*N, T, H]
-    lead, (bn, t, h) = x.shape[:-3], x.shape[-3:]
-    x = x.reshape(lead + (bn // num_heads, num_heads, t, h))
-    return jnp.take(x, rows, axis=len(lead)).reshape(lead + (-1, t, h))
-  return jax.tree.map(take, cache)
-
-
-def unstack_layers(params):
-  """Stacked layer parameters (params['layers'], leading axis L: the layout of training and checkpoints) to the
-  per-layer trees params['layers_0'] ... of a scan_layers=False model. Works on numpy arrays (once, on the host) and
-  inside jit (slices, copied once per call)."""
-  if 'layers' not in params:
-    return params
-  stacked = params['layers']
-  num_layers = jax.tree.leaves(stacked)[0].shape[0]
-  out = {k: v for k, v in params.items() if k != 'layers'}
-  for i in range(num_layers):
-    out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
-  return out
-
-
-def stack_layers(params):
-  """The inverse of `unstack_layers`."""
-  names = sorted((k for k in params if k.startswith('layers_')), key=lambda k: int(k.split('_')[1]))
-  if not names:
-    return params
-  out = {k: v for k, v in params.items() if not k.startswith('layers_')}
-  out['layers'] = jax.tree.map(lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs),
-                               *(params[k] for k in names))
-  return out
-
-
-def count_params(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-def forward_flops_per_token(cfg: GLMConfig, seq_len: int) -> float:
-  """Matmul FLOPs of one forward pass per token at sequence length seq_len (full S x S attention).
-
-  Per layer: QKV 2*D*3D, attention output 2*D*D, GeGLU 2*D*2F + 2*F*D, scores and context 2*2*S*D;
-  plus the tied output projection 2*D*V. Elementwise work (LayerNorm, softmax, GELU, RoPE) is not counted.
-  """
-  d, f, v = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size
-  per_layer = 2 * (3 * d * d + d * d + 2 * d * f + f * d) + 4 * seq_len * d
-  return cfg.num_layers * per_layer + 2 * d * v
-
-
-def train_flops_per_token(cfg: GLMConfig, seq_len: int) -> float:
-  """Forward plus backward (twice the forward), without rematerialisation: the model FLOPs of MFU."""
-  return 3 * forward_flops_per_token(cfg, seq_len)

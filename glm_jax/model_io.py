@@ -1,9 +1,12 @@
 """Model checkpoints for inference: save and load (params, config), and SAT checkpoint folders on disk.
 
 A glm-jax model checkpoint is a directory:
-    <dir>/config.json      the whole config (config.model is what the model needs)
+    <dir>/config.json      the whole config (config.model is what the model needs), and `weight_format`: the format
+                           of the big matrices stored (glm_jax/weights.py; 'in_out', the checkpoint layout, if absent)
     <dir>/params/...       the parameter pytree, an Orbax checkpoint (tensorstore arrays)
-It is written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint.
+It is written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint. Stacked
+layer arrays ([L, ...] under 'layers') are stored in chunks of one layer, so that `read_params_by_layer` reads a
+layer's slices and nothing more (tensorstore decodes whole chunks).
 
 `load_model` also accepts a training run directory (launch/train.py's --workdir): the parameters of its latest
 complete checkpoint and the run's config.json.
@@ -27,8 +30,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def save_model(directory: str | Path, params, config) -> Path:
-  """Writes params and config to `directory` (which must not exist yet), atomically."""
+def save_model(directory: str | Path, params, config, *, weight_format: str = 'in_out') -> Path:
+  """Writes params (their big matrices in `weight_format`) and config to `directory` (which must not exist yet),
+  atomically."""
+  from glm_jax import weights
+  weights.get(weight_format)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.weight_format = weight_format
   directory = Path(directory).resolve()
   if directory.exists():
     raise ValueError(f'{directory} already exists; choose a new output directory')
@@ -36,7 +44,7 @@ def save_model(directory: str | Path, params, config) -> Path:
   tmp = Path(tempfile.mkdtemp(prefix=f'.{directory.name}.tmp-', dir=directory.parent))
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp / 'params', params)
+      checkpointer.save(tmp / 'params', params, save_args=layer_chunked_save_args(params))
       checkpointer.wait_until_finished()
     (tmp / 'config.json').write_text(config.to_json_best_effort(indent=2))
     os.replace(tmp, directory)
@@ -46,11 +54,36 @@ def save_model(directory: str | Path, params, config) -> Path:
   return directory
 
 
+def layer_chunked_save_args(tree):
+  """Orbax SaveArgs storing every leaf under a 'layers' key (a stacked [L, ...] array) in chunks of one layer."""
+  def args(path, _):
+    stacked = any(getattr(k, 'key', None) == 'layers' for k in path)
+    return ocp.SaveArgs(shard_axes=(0,)) if stacked else ocp.SaveArgs()
+  return jax.tree_util.tree_map_with_path(args, tree)
+
+
 def _config_from_json(path: Path) -> ml_collections.ConfigDict:
+  """A checkpoint's config, with `weight_format` set: configs written before it existed said it as
+  config.model.kernel_layout (the only value they stored was the checkpoint layout, 'in_out')."""
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text(encoding='utf-8')))
+    values = json.loads(path.read_text(encoding='utf-8'))
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f'{path}: cannot read the config ({e})') from None
+  if not isinstance(values, dict) or not isinstance(values.get('model'), dict):
+    raise ValueError(f'{path}: not a glm-jax config (no "model" section)')
+  old = values['model'].pop('kernel_layout', None)
+  values.setdefault('weight_format', old or 'in_out')
+  return ml_collections.ConfigDict(values)
+
+
+def read_config(path: str | Path) -> ml_collections.ConfigDict:
+  """The config of a glm-jax model checkpoint or training run directory, without reading the parameters."""
+  path = Path(path)
+  if not path.exists():
+    raise ValueError(f'{path}: no such checkpoint')
+  if not (path / 'config.json').is_file() or not ((path / 'params').is_dir() or (path / 'checkpoints').is_dir()):
+    raise ValueError(f'{path}: not a glm-jax checkpoint (expected config.json with params/ or checkpoints/)')
+  return _config_from_json(path / 'config.json')
 
 
 def _latest_run_step(run_dir: Path) -> Path:
@@ -62,21 +95,19 @@ def _latest_run_step(run_dir: Path) -> Path:
 
 
 def load_model(path: str | Path, *, mesh=None):
-  """(params, config) from a model checkpoint or a training run directory.
+  """(params, config) from a model checkpoint or a training run directory; the params' big matrices are in
+  config.weight_format (glm_jax/weights.py).
 
   Only the parameters are read (a training run's optimizer state stays on disk). mesh: an optional device mesh
   (sharding.make_mesh); each parameter is then read straight into its shards, placed by the config's axis rules,
   so no host ever holds the whole model. Without a mesh: numpy arrays on the host.
   """
   path = Path(path)
-  if not path.exists():
-    raise ValueError(f'{path}: no such checkpoint')
-  if (path / 'params').is_dir() and (path / 'config.json').is_file():
-    config, params_dir, subtree = _config_from_json(path / 'config.json'), path / 'params', None
-  elif (path / 'checkpoints').is_dir() and (path / 'config.json').is_file():
-    config, params_dir, subtree = _config_from_json(path / 'config.json'), _latest_run_step(path), 'params'
+  config = read_config(path)
+  if (path / 'params').is_dir():
+    params_dir, subtree = path / 'params', None
   else:
-    raise ValueError(f'{path}: not a glm-jax checkpoint (expected config.json with params/ or checkpoints/)')
+    params_dir, subtree = _latest_run_step(path), 'params'
   with ocp.PyTreeCheckpointer() as checkpointer:
     stored = checkpointer.metadata(params_dir.resolve()).item_metadata.tree
     if subtree is not None and subtree not in stored:
@@ -94,6 +125,53 @@ def load_model(path: str | Path, *, mesh=None):
   return (restored[subtree] if subtree else restored), config
 
 
+def read_params_by_layer(path: str | Path):
+  """(config, entries) of a model checkpoint or training run directory: the parameters as an iterator of
+  (name, subtree) pairs of host numpy arrays, one top-level entry at a time, the stacked layers as 'layers_0',
+  'layers_1', ... (the per-layer layout of weights.unstack_layers), each read as its own slices of the stored arrays.
+  A caller that converts and places each entry before taking the next never holds the whole model on the host.
+  (A checkpoint whose stacked arrays are not chunked by layer, as written before save_model chunked them, is read
+  one whole array at a time instead.)"""
+  import tensorstore as ts
+
+  path = Path(path)
+  config = read_config(path)
+  params_dir, prefix = (path / 'params', '') if (path / 'params').is_dir() else (_latest_run_step(path), 'params.')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(params_dir.resolve()).item_metadata.tree
+  stored = stored['params'] if prefix else stored
+
+  def open_array(keys):
+    spec = {'driver': 'zarr', 'kvstore': {'driver': 'ocdbt', 'base': f'file://{params_dir.resolve()}',
+                                          'path': prefix + '.'.join(keys) + '/'}}
+    return ts.open(spec, open=True, read=True).result()
+
+  def read(keys, index=None):
+    array = open_array(keys)
+    if index is None:
+      return array.read().result()
+    if array.chunk_layout.read_chunk.shape[0] == 1:
+      return array[index].read().result()
+    return array.read().result()[index]  # not chunked by layer: the whole array, then the slice
+
+  def entries():
+    for name, value in stored.items():
+      if name != 'layers':
+        yield name, _map_keyed(lambda keys, _: read((name,) + keys), value)
+        continue
+      num_layers = jax.tree.leaves(value)[0].shape[0]
+      for i in range(num_layers):
+        yield f'layers_{i}', _map_keyed(lambda keys, _, i=i: read(('layers',) + keys, i), value)
+  return config, entries()
+
+
+def _map_keyed(fn, tree, keys=()):
+  """fn(keys, leaf) over a nested dict (or a leaf), keys the tuple of dict keys leading to the leaf."""
+  if isinstance(tree, dict):
+    return {k: _map_keyed(fn, v, keys + (k,)) for k, v in tree.items()}
+  return fn(keys, tree)
+
+
 def _sharded_targets(stored, config, mesh, params_dir: Path):
   """Restore targets placing each stored parameter on `mesh` by the config's axis rules (sharding.param_shardings)."""
   import flax.linen as nn
@@ -101,7 +179,7 @@ def _sharded_targets(stored, config, mesh, params_dir: Path):
   from glm_jax import sharding
   from glm_jax.model import GLM
 
-  model = GLM(config.model)
+  model = GLM(config.model, weight_format=config.weight_format)
   boxed = sharding.abstract_params(model, config.model)
   expected = nn.meta.unbox(boxed)
   if jax.tree.structure(expected) != jax.tree.structure(stored) or any(

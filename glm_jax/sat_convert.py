@@ -27,7 +27,8 @@ import re
 
 import numpy as np
 
-from glm_jax.model import GLMConfig
+from glm_jax import weights
+from glm_jax.model import GLMConfig, weight_specs
 
 # Keys SAT may carry that hold no parameters (loading ignores them; the rotary table is always rebuilt).
 IGNORED_KEY = re.compile(r'(^|\.)rotary_emb\.inv_freq$|^mixins\.rotary-embedding\.')
@@ -116,9 +117,24 @@ def from_sat_state_dict(state_dict, model_config) -> dict:
   }
 
 
-def to_sat_state_dict(params, model_config) -> dict[str, np.ndarray]:
-  """glm-jax params -> SAT `GLM130B` state dict (numpy, TP=1), the exact inverse of from_sat_state_dict."""
+def to_sat_state_dict(params, model_config, *, weight_format: str = 'in_out') -> dict[str, np.ndarray]:
+  """glm-jax params -> SAT `GLM130B` state dict (numpy, TP=1), the exact inverse of from_sat_state_dict.
+
+  params: stacked or per layer, their big matrices in `weight_format` (a checkpoint's config.weight_format); other
+  formats are converted back to the checkpoint layout first, or refused (ValueError) when they cannot be. Every
+  matrix's shape is checked against the config, so weights in another layout are never silently mis-transposed.
+  """
   cfg = GLMConfig.make(model_config)
+  specs = weight_specs(cfg)
+  params = weights.stack_layers(weights.to_checkpoint_params(params, specs, weight_format))
+  checks = {'word_embeddings': (params['word_embeddings'], specs['word_embeddings'].checkpoint_shape)}
+  for _, (group, leaf), _, _ in _layer_mappings(cfg):
+    if leaf in specs:
+      checks[leaf] = (params['layers'][group][leaf], (cfg.num_layers,) + specs[leaf].checkpoint_shape)
+  for leaf, (w, shape) in checks.items():
+    if tuple(np.shape(w)) != shape:
+      raise ValueError(f'{leaf} has shape {tuple(np.shape(w))}, but in the checkpoint layout (weight_format '
+                       f'{weight_format!r} given) the config needs {shape}')
   sd = {
       'transformer.word_embeddings.weight': np.asarray(params['word_embeddings']),
       'transformer.final_layernorm.weight': np.asarray(params['final_layernorm']['scale']),

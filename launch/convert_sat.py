@@ -53,8 +53,8 @@ def main(argv):
       if config.model.num_attention_heads % _TP.value or config.model.inner_hidden_size % _TP.value:
         raise ValueError(f'--tp {_TP.value} does not divide the heads ({config.model.num_attention_heads}) and '
                          f'the GeGLU width ({config.model.inner_hidden_size})')
-      out = model_io.write_sat_checkpoint(_OUT.value, to_sat_state_dict(params, config.model), tp=_TP.value,
-                                          dtype=_DTYPE.value)
+      state_dict = to_sat_state_dict(params, config.model, weight_format=config.weight_format)
+      out = model_io.write_sat_checkpoint(_OUT.value, state_dict, tp=_TP.value, dtype=_DTYPE.value)
       print(f'wrote SAT checkpoint {out} ({_TP.value} rank(s), {_DTYPE.value})')
   except ValueError as e:
     print(f'convert_sat.py: error: {e}', file=sys.stderr)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from glm_jax import cpu_kernels, model
+from glm_jax.generation import decode
+from glm_jax.kv_cache import init_cache
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f'CPU kernel off: {cpu_kernels._state.get("why")}')
@@ -22,7 +24,7 @@ def _definition(q_RxH, k_RxTxH, v_RxTxH, mask_BxT, c, heads):
 
 def _kernel(q_RxH, k_RxTxH, v_RxTxH, mask_BxT, c, heads):
   fn = jax.jit(lambda q, k, v, m, c: cpu_kernels.decode_context(
-      q[:, None], k, v, m[:, None, None], c, heads, reference=model.attention_context))
+      q[:, None], k, v, m[:, None, None], c, heads, reference=model.attention_context, masked_score=model.MASKED_SCORE))
   return np.asarray(fn(q_RxH, k_RxTxH, v_RxTxH, mask_BxT, np.float32(c)))[:, 0]
 
 
@@ -82,9 +84,9 @@ def test_decode_steps_use_the_kernel_on_one_device_and_not_on_a_mesh():
   from tests.conftest import PARITY_MODEL
   config = default_config()
   config.model.update(PARITY_MODEL)
-  glm = model.GLM(config.model)
+  glm = decode.Decoder(config.model).model  # the decoder's model, given the kernel by decode_format
   batch, length = 2, 16
-  cache = model.init_cache(config.model, batch, length)
+  cache = init_cache(glm.config, batch, length)
 
   def program(s, with_cache=True):
     tokens, positions = jnp.zeros((batch, s), jnp.int32), jnp.zeros((batch, s), jnp.int32)

@@ -37,18 +37,16 @@ def test_packed_matmul_matches_the_definition(m, o, k):
 
 
 def test_decoder_packs_its_weights_on_one_cpu_and_not_on_a_mesh():
-  from glm_jax import GLM, GLMConfig, sharding
+  from glm_jax import sharding
   from glm_jax.config import default_config
   from glm_jax.generation.decode import Decoder
   from tests.conftest import PARITY_MODEL
   config = default_config()
   config.model.update(PARITY_MODEL)
-  with pytest.raises(ValueError, match='scan_layers=False'):
-    GLMConfig.make({**config.model.to_dict(), 'kernel_layout': 'packed', 'scan_layers': True})
-  assert Decoder(GLM(config.model), config.model)._decode_model.config.kernel_layout == 'packed'
+  assert Decoder(config.model).weight_format == 'packed'
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, stage=1), jax.devices()[:1])
-  on_mesh = Decoder(GLM(config.model), config.model, mesh=mesh, rules=sharding.axis_rules(config))
-  assert on_mesh._decode_model.config.kernel_layout == 'out_in'
+  on_mesh = Decoder(config.model, mesh=mesh, rules=sharding.axis_rules(config))
+  assert on_mesh.weight_format == 'out_in' and on_mesh.model.decode_attention is None
 
 
 def test_decoding_without_the_kernels_keeps_xla(tmp_path):
@@ -66,9 +64,10 @@ from glm_jax.generation.decode import Decoder
 config = default_config()
 config.model.update({PARITY_MODEL!r})
 params = init_params(GLM(config.model), config.model, jax.random.key(0))
-decoder = Decoder(GLM(config.model), config.model)
-assert not cpu_kernels.available() and decoder._decode_model.config.kernel_layout == 'out_in'
-print(np.asarray(decoder.generate(params, [[5, 6, 7, 501, 504]], [3], True, max_gen_length=6).tokens).shape)
+decoder = Decoder(config.model)
+assert not cpu_kernels.available() and decoder.weight_format == 'out_in' and decoder.model.decode_attention is None
+out = decoder.generate(decoder.prepare(params), [[5, 6, 7, 501, 504]], [3], True, max_gen_length=6)
+print(np.asarray(out.tokens).shape)
 '''
   env = {**os.environ, 'GLM_JAX_CPU_KERNELS': '0', 'GLM_JAX_CACHE': str(tmp_path)}
   proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

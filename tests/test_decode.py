@@ -5,15 +5,18 @@ the tied embedding makes the model copy its input token (the DeepNorm skip path 
 greedy path would be one repeated token.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from glm_jax import GLM, from_sat_state_dict, layouts
+from glm_jax import GLM, from_sat_state_dict, layouts, weights
 from glm_jax.generation import decode as D
 from glm_jax.generation.beam_search import BeamSearchConfig
+from glm_jax.model import weight_specs
 from tests import sat_reference as R
 from tests.conftest import PARITY_MODEL, load_config
 
@@ -42,7 +45,8 @@ def _models(position_encoding_2d=False, seed=5):
   model = GLM(config.model)
   params = jax.tree.map(jnp.asarray, from_sat_state_dict(sd, config.model))
   forward = jax.jit(lambda p, t, q, m: model.apply({'params': p}, t, q, m))
-  return sat, params, D.Decoder(model, config.model), forward
+  decoder = D.Decoder(config.model)
+  return sat, decoder.prepare(params), decoder, functools.partial(forward, params)
 
 
 @pytest.fixture(scope='module')
@@ -93,7 +97,7 @@ def _sat_greedy(sat, context, mask_position, gmask, n):
   return out, np.stack(step_logits)
 
 
-def _full_forward_rows(forward, params, rows, length, two_d=False):
+def _full_forward_rows(forward, rows, length, two_d=False):
   """Uncached forwards: rows = [(context, mask_position, use_gmask, generated)]; returns, per row, the logits at
   <sop> and at every generated token ([len(generated) + 1, V]), from one padded batch of generation layouts."""
   lays, spans = [], []
@@ -104,7 +108,7 @@ def _full_forward_rows(forward, params, rows, length, two_d=False):
     spans.append((len(context) - 1, len(context) + len(gen)))
   lays += lays[:1] * (FULL_ROWS - len(lays))  # one batch shape for every call: one compile
   batch = layouts.pad_batch(lays, length=length)
-  logits = np.asarray(forward(params, batch.tokens, batch.position_ids, batch.attention_mask))
+  logits = np.asarray(forward(batch.tokens, batch.position_ids, batch.attention_mask))
   return [logits[i, a:b] for i, (a, b) in enumerate(spans)]
 
 
@@ -152,7 +156,7 @@ def test_sampled_path_matches_full_forward_and_is_seeded(setup):
   strategy = D.SamplingConfig(temperature=1.0, top_k=40, top_p=0.95)
   kw = dict(max_gen_length=N_GEN, strategy=strategy, return_debug=True)
   out = decoder.generate(params, contexts, mask_positions, gmask, seed=1, **kw)
-  full = _full_forward_rows(forward, params, [p + (out.tokens[b],) for b, p in enumerate(prompts)], 48)
+  full = _full_forward_rows(forward, [p + (out.tokens[b],) for b, p in enumerate(prompts)], 48)
   for b in range(len(prompts)):
     assert len(out.tokens[b]) == N_GEN
     for j in range(N_GEN):
@@ -184,11 +188,11 @@ def test_beam_search_reorders_the_cache(setup):
         rows.append(prompts[b] + (hist[b][j],))
         where.append((i, b * k + j))
       hist[b] = [hist[b][parents[i, b, j]] + [int(tokens[i, b, j])] for j in range(k)]
-  full = _full_forward_rows(forward, params, rows, 48)
+  full = _full_forward_rows(forward, rows, 48)
   for (i, r), f in zip(where, full):
     _assert_close(logits[i, r], f[-1])
   # Step 0: every beam saw the <sop> logits.
-  first = _full_forward_rows(forward, params, [p + ([],) for p in prompts], 48)
+  first = _full_forward_rows(forward, [p + ([],) for p in prompts], 48)
   for b in range(len(prompts)):
     for j in range(k):
       _assert_close(logits[0, b * k + j], first[b][0])
@@ -247,7 +251,7 @@ def test_2d_positions_cached_equals_full_forward(setup):
   _, params, decoder, forward = _models(position_encoding_2d=True, seed=4)
   prompts = setup[-1][:2]
   out = decoder.generate(params, *_unzip(prompts), max_gen_length=N_GEN, return_debug=True)
-  full = _full_forward_rows(forward, params, [p + (out.tokens[b],) for b, p in enumerate(prompts)], 48, two_d=True)
+  full = _full_forward_rows(forward, [p + (out.tokens[b],) for b, p in enumerate(prompts)], 48, two_d=True)
   for b in range(len(prompts)):
     assert len(out.tokens[b]) == N_GEN
     for j in range(N_GEN):
@@ -262,15 +266,15 @@ def test_decoding_on_a_mesh_equals_one_device(setup):
   config = load_config('tiny', **PARITY_MODEL)
   config.mesh.data, config.mesh.tensor = 2, 4
   mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(config)
-  on_mesh = D.Decoder(decoder.model, config.model, mesh=mesh, rules=rules)
-  split = on_mesh.decode_params(params)
+  on_mesh = D.Decoder(config.model, mesh=mesh, rules=rules)
+  split = on_mesh.prepare(weights.to_checkpoint_params(params, weight_specs(decoder.cfg), decoder.weight_format))
   assert split['layers_0']['mlp']['h_to_4h_kernel'].sharding.spec[1] == 'tensor'  # [2, F, D]: F over 'tensor'
   assert split['word_embeddings'].sharding.spec[0] == 'tensor'
   contexts, mask_positions, gmask = _unzip(prompts[:2])
   for strategy in (D.GREEDY, BeamSearchConfig(num_beams=3, consider_end=True, deterministic=True)):
-    ref, out = (d.generate(params, contexts, mask_positions, gmask, max_gen_length=6, strategy=strategy,
-                           return_debug=True) for d in (decoder, on_mesh))
+    ref, out = (d.generate(p, contexts, mask_positions, gmask, max_gen_length=6, strategy=strategy,
+                           return_debug=True) for d, p in ((decoder, params), (on_mesh, split)))
     _assert_close(out.debug['logits'], ref.debug['logits'])
     assert out.tokens == ref.tokens and out.beams == ref.beams
   with pytest.raises(ValueError, match='both mesh and rules'):
-    D.Decoder(decoder.model, config.model, mesh=mesh)
+    D.Decoder(config.model, mesh=mesh)

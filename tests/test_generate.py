@@ -253,9 +253,12 @@ def test_sampling_deterministic_and_streamed(gen):
   assert pieces[0] == text
 
 
-def test_log_probs_match_full_forward(gen, tok):
+def test_log_probs_match_full_forward(gen, tok, checkpoint):
+  from glm_jax import GLM, load_model
   sid = blanks.special_ids(tok)
-  forward = jax.jit(lambda p, t, q, m: gen.model.apply({'params': p}, t, q, m))
+  params, config = load_model(checkpoint)  # the checkpoint's own model (the Generator runs the decoder's format)
+  model = GLM(config.model)
+  forward = jax.jit(lambda p, t, q, m: model.apply({'params': p}, t, q, m))
   cases = [('To be or not [MASK] be', [' to', ' a big town', ''], False),  # the context's blank; <eop> for ''
            ('Farewell,', [' my', ' good'], True)]  # [gMASK] appended; single-token options share one <sop> row
   assert all(len(tok.encode(o)) == 1 for o in cases[1][1])
@@ -264,15 +267,15 @@ def test_log_probs_match_full_forward(gen, tok):
     lay = layouts.multiple_choice_layout(tok.encode_with_masks(context), [tok.encode(o) for o in options], sid,
                                          use_task_mask=gmask)
     assert lay.single_token == gmask
-    logits = np.asarray(forward(gen.params, lay.layout.tokens[None], lay.layout.position_ids[None],
+    logits = np.asarray(forward(params, lay.layout.tokens[None], lay.layout.position_ids[None],
                                 lay.layout.attention_mask[None, None]))[0].astype(np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     want = [float(logp[rows, tgt].sum()) for rows, tgt in zip(lay.read_rows, lay.choice_targets)]
     np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
-  compiled = gen._score._cache_size()
+  compiled = gen.decoder._score._cache_size()
   assert gen.log_probs('To be or not [MASK] be', [' at']) == gen.log_probs('To be or not [MASK] be', [' at'])
-  assert gen._score._cache_size() == compiled  # the same length buckets reuse the compiled scorer
+  assert gen.decoder._score._cache_size() == compiled  # the same length buckets reuse the compiled scorer
 
 
 def test_tokenizer_resolution(checkpoint, tmp_path):
@@ -346,7 +349,8 @@ def test_generator_on_a_mesh(checkpoint, gen):
   from glm_jax import sharding
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=2, stage=1), jax.devices()[:4])
   on_mesh = Generator.load(checkpoint, mesh=mesh)
-  assert on_mesh.params['layers']['attention']['qkv_kernel'].sharding.spec[2] == 'tensor'  # [L, D, N, 3, H]
+  # out_in [N, 3, H, D] per layer: heads over 'tensor'
+  assert on_mesh.weights['layers_0']['attention']['qkv_kernel'].sharding.spec[0] == 'tensor'
   prompts = ['The king [MASK] and the queen.', 'First Citizen:']
   kw = dict(out_seq_length=48, top_k=1)
   assert on_mesh.generate(prompts, **kw) == gen.generate(prompts, **kw)

@@ -10,9 +10,9 @@ import pytest
 
 import dataclasses
 
-from glm_jax import GLM, GLMConfig, count_params, cpu_kernels, init_cache, init_params
-from glm_jax import model as model_lib
-from glm_jax.model import stack_layers, to_out_in_kernels, to_packed_kernels, unstack_layers
+from glm_jax import GLM, GLMConfig, count_params, cpu_kernels, init_cache, init_params, weights
+from glm_jax.model import weight_specs
+from glm_jax.weights import stack_layers, unstack_layers
 from tests.conftest import REPO, load_config
 
 
@@ -103,30 +103,28 @@ def test_mask_must_be_bool(small_model):
 
 _PACKED = pytest.param(False, 'packed', marks=pytest.mark.skipif(
     not cpu_kernels.available(), reason=f'CPU kernels off: {cpu_kernels._state.get("why")}'))
-LAYOUTS = [(True, 'in_out'), (False, 'in_out'), (True, 'out_in'), (False, 'out_in'), _PACKED]
+LAYOUTS = [(True, 'in_out'), (False, 'in_out'), (True, 'out_in'), (False, 'out_in'), _PACKED,
+           pytest.param(True, 'packed', marks=_PACKED.marks)]
 
 
-def _variant(config, params, scan_layers, kernel_layout):
-  """The same weights for a model with another layer / kernel layout ('packed': per-layer only, as decoding uses it)."""
-  cfg = dataclasses.replace(GLMConfig.make(config.model), scan_layers=scan_layers, kernel_layout=kernel_layout)
-  if kernel_layout == 'out_in':
-    params = to_out_in_kernels(params)
+def _variant(config, params, scan_layers, weight_format):
+  """The same weights for a model with another layer layout and weight format."""
+  cfg = dataclasses.replace(GLMConfig.make(config.model), scan_layers=scan_layers)
   if not scan_layers:
     params = unstack_layers(params)
-  if kernel_layout == 'packed':
-    params = to_packed_kernels(params)
-  return GLM(cfg), cfg, params
+  params = weights.convert_params(params, weight_specs(cfg), weight_format)
+  return GLM(cfg, weight_format=weight_format), cfg, params
 
 
-@pytest.mark.parametrize('scan_layers,kernel_layout', LAYOUTS[1:])
-def test_layer_and_kernel_layouts_compute_the_same_function(small_model, scan_layers, kernel_layout):
+@pytest.mark.parametrize('scan_layers,weight_format', LAYOUTS[1:])
+def test_layer_layouts_and_weight_formats_compute_the_same_function(small_model, scan_layers, weight_format):
   config, model, params = small_model
   s = 10
   tokens = (jnp.arange(2 * s, dtype=jnp.int32).reshape(2, s) * 7) % 256
   pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s))
   mask = jnp.tril(jnp.ones((s, s), bool))[None, None]
   ref = np.asarray(model.apply({'params': params}, tokens, pos, mask))
-  other, cfg, other_params = _variant(config, params, scan_layers, kernel_layout)
+  other, cfg, other_params = _variant(config, params, scan_layers, weight_format)
   # The converted tree is exactly what the variant itself creates: same names, shapes and dtypes.
   created = jax.eval_shape(lambda: init_params(other, cfg, jax.random.key(0)))
   assert jax.tree.structure(created) == jax.tree.structure(other_params)
@@ -134,6 +132,10 @@ def test_layer_and_kernel_layouts_compute_the_same_function(small_model, scan_la
   # Another product kernel (sums in another order): fp32 rounding, ~1e-6 of the largest logit.
   np.testing.assert_allclose(other.apply({'params': other_params}, tokens, pos, mask), ref,
                              atol=1e-5 * np.abs(ref).max(), rtol=0)
+  # ... and converts back to the checkpoint layout exactly.
+  back = weights.to_checkpoint_params(other_params, weight_specs(cfg), weight_format)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+                                   back if scan_layers else stack_layers(back), params))
   if not scan_layers:
     restored = stack_layers(unstack_layers(params))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), restored, params))
@@ -144,10 +146,10 @@ def test_layer_and_kernel_layouts_compute_the_same_function(small_model, scan_la
     assert np.abs(train[0] - train[2]).max() > 1e-3 and np.abs(train[0] - ref).max() > 1e-3
 
 
-@pytest.mark.parametrize('scan_layers,kernel_layout', LAYOUTS)
-def test_cache_prefill_then_steps_equal_full_forward(small_model, scan_layers, kernel_layout):
+@pytest.mark.parametrize('scan_layers,weight_format', LAYOUTS)
+def test_cache_prefill_then_steps_equal_full_forward(small_model, scan_layers, weight_format):
   config, base_model, base_params = small_model
-  model, cfg, params = _variant(config, base_params, scan_layers, kernel_layout)
+  model, cfg, params = _variant(config, base_params, scan_layers, weight_format)
   b, c, total, t_max = 2, 5, 9, 16
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (b, total)).astype(np.int32)
@@ -186,25 +188,27 @@ def test_logits_index_reads_one_row_per_sequence(small_model):
   np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), rows], atol=1e-5 * np.abs(full).max())
 
 
-@pytest.mark.parametrize('rows', [1, model_lib.OUTPUT_MAJOR_MAX_ROWS, model_lib.OUTPUT_MAJOR_MAX_ROWS + 1])
-@pytest.mark.parametrize('fused_bias,flat', [(True, True), (False, False)])
-def test_output_major_projection_on_both_sides_of_the_row_threshold(rows, fused_bias, flat):
-  """An [O, I] kernel is applied as kernel @ x.T up to OUTPUT_MAJOR_MAX_ROWS rows (the fast decode-step product on
-  CPU) and as x @ kernel.T above: both are x @ kernel.T (+ bias), in value and in gradient."""
+@pytest.mark.parametrize('rows', [1, weights.OUTPUT_MAJOR_MAX_ROWS, weights.OUTPUT_MAJOR_MAX_ROWS + 1])
+@pytest.mark.parametrize('in_shape', [(16,), (4, 4)])
+def test_output_major_product_on_both_sides_of_the_row_threshold(rows, in_shape):
+  """An output-major weight is applied as W @ x.T on CPU up to OUTPUT_MAJOR_MAX_ROWS rows (the fast decode-step
+  product) and as x @ W.T above, and only on CPU: both are x @ W.T, in value and in gradient."""
   rng = np.random.default_rng(rows)
-  x = rng.standard_normal((1, rows, 16)).astype(np.float32)  # the threshold counts all leading rows: 1 * rows
-  kernel = rng.standard_normal((2, 5, 16)).astype(np.float32)  # out_in: [out..., in]
-  bias = rng.standard_normal((2, 5)).astype(np.float32)
+  x = rng.standard_normal((1, rows) + in_shape).astype(np.float32)  # the threshold counts all leading rows
+  spec = weights.Spec(in_shape, (2, 5), (None,) * len(in_shape), (None, None))
+  w = rng.standard_normal((2, 5) + in_shape).astype(np.float32)  # out_in: [*out, *in]
 
-  def f(x, kernel, bias):
-    return model_lib.project('bsi,igo->bsgo', x, kernel, bias, n_in=1, layout='out_in', fused_bias=fused_bias,
-                             flat=flat)
+  def f(x, w):
+    return weights.get('out_in')(w, spec).matmul(x)
 
-  y = np.asarray(f(x, kernel, bias))
-  ref = np.einsum('bsi,goi->bsgo', x.astype(np.float64), kernel.astype(np.float64)) + bias
+  y = np.asarray(f(x, w))
+  ref = np.einsum('bsi,goi->bsgo', x.reshape(1, rows, -1).astype(np.float64), w.reshape(2, 5, -1))
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
-  uses_output_major = 'optimization_barrier' in str(jax.make_jaxpr(f)(x, kernel, bias))
-  assert uses_output_major == (rows <= model_lib.OUTPUT_MAJOR_MAX_ROWS)
-  g = jax.grad(lambda k: (f(x, k, bias) ** 2).sum())(kernel)
-  g_ref = jax.grad(lambda k: ((jnp.einsum('bsi,goi->bsgo', x, k) + bias) ** 2).sum())(kernel)
-  np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+  lowered = jax.jit(f).lower(x, w)
+  assert ('optimization_barrier' in lowered.as_text()) == (rows <= weights.OUTPUT_MAJOR_MAX_ROWS)
+  for platform in ('cuda', 'tpu'):  # the trick is XLA:CPU's: lowered for an accelerator, the plain product only
+    exported = jax.export.export(jax.jit(f), platforms=(platform,))(x, w)
+    assert 'optimization_barrier' not in exported.mlir_module()
+  g = jax.grad(lambda w: (f(x, w) ** 2).sum())(w)
+  g_ref = jax.grad(lambda w: (jnp.einsum('bsi,goi->bsgo', x.reshape(1, rows, -1), w.reshape(2, 5, -1)) ** 2).sum())(w)
+  np.testing.assert_allclose(g, g_ref.reshape(w.shape), rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from glm_jax import GLM, axis_rules, init_params, make_mesh
-from glm_jax import model as model_lib
+from glm_jax import weights
 from glm_jax.sharding import activate, batch_sharding, mesh_shape
 from tests.conftest import load_config
 
@@ -74,7 +74,7 @@ def test_sharded_forward_equals_single_device(setup, mesh_name):
   tokens, positions, mask = inputs
   with activate(mesh, rules):
     # The GeGLU kernel is computed as one flat [D, 2F] product only where F is not split (else it is resharded).
-    assert model_lib._is_split('mlp') == (sizes['tensor'] > 1) and not model_lib._is_split('norm')
+    assert weights._is_split('mlp') == (sizes['tensor'] > 1) and not weights._is_split('norm')
     args = [jax.device_put(x, batch_sharding(mesh, rules, x.ndim)) for x in (tokens, positions, mask)]
     out = jax.jit(lambda p, t, q, m: model.apply({'params': p}, t, q, m))(sharded, *args)
   assert out.sharding.spec[0] is not None or sizes['data'] * sizes['fsdp'] == 1

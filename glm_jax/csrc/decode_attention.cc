@@ -50,7 +50,7 @@ inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m
 struct Problem {
   const float *q, *k, *v;
   const bool* mask;
-  float c;
+  float c, masked_score;  // scores are scaled by c; a masked one is masked_score * c
   int64_t rows, heads, T, H;
   float* out;
 };
@@ -97,9 +97,9 @@ inline void values(const float* const* v, const float* const* p, float* const* o
 // Softmax in place over the n scores in s (then 8 more slots, set here to weigh 0). With `mask` (the general path)
 // they are all T columns and the masked ones get the fill; without, the T - n columns left out are masked ones whose
 // weight exp(fill - max) must vanish: false when it does not, and the caller takes the general path.
-inline bool softmax(float* s, int64_t n, int64_t T, float c, const bool* mask) {
-  // A masked column scores -10000*c (as SAT), so its weight is exactly 0 unless every allowed score is within ~88.
-  const float fill = -10000.0f * c;
+inline bool softmax(float* s, int64_t n, int64_t T, float fill, const bool* mask) {
+  // A masked column scores masked_score*c (SAT: -10000*c), so its weight is exactly 0 unless every allowed score is
+  // within ~88 of it.
   if (mask)
     for (int64_t t = 0; t < n; ++t)
       if (!mask[t]) s[t] = fill;
@@ -151,7 +151,7 @@ void attend_group(const Problem& P, int64_t r0, const int32_t* cols, int64_t n, 
       for (int i = 0; i < C; ++i) sg[g][j + i] = lanes[C * g + i];
   }
   for (int g = 0; g < G; ++g) {
-    ok[g] = softmax(sg[g], n, T, P.c, mask);
+    ok[g] = softmax(sg[g], n, T, P.masked_score * P.c, mask);
     std::fill_n(out[g], H, 0.0f);
   }
   int64_t h0 = 0;
@@ -194,7 +194,7 @@ void attend_rows(const Problem& P, int64_t begin, int64_t end) {
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> scale,
-                           ffi::ResultBuffer<ffi::F32> out) {
+                           float masked_score, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
   if (qd.size() != 2 || kd.size() != 3 || vd.size() != 3 || md.size() != 2 || kd[0] != qd[0] || kd[2] != qd[1] ||
       vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || md[1] != kd[1] || md[0] == 0 || kd[0] % md[0] != 0 ||
@@ -203,7 +203,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         "glm_jax_decode_attention: expected q [R, H], k and v [R, T, H], mask [B, T] with B dividing R, H a multiple of "
         "8, and a scalar scale");
   const Problem P{q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), scale.typed_data()[0],
-                  kd[0], kd[0] / md[0], kd[1], kd[2], out->typed_data()};
+                  masked_score, kd[0], kd[0] / md[0], kd[1], kd[2], out->typed_data()};
   // about four chunks per thread, of whole groups
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t chunk = (std::max<int64_t>(1, P.rows / (4 * threads)) + kGroup - 1) / kGroup * kGroup;
@@ -225,4 +225,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GlmDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("masked_score")
                                   .Ret<ffi::Buffer<ffi::F32>>());

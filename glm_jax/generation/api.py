@@ -18,9 +18,11 @@ Options (the defaults are GLM-130B's `scripts/generate.sh` and generate.py's, gl
   top_k=0, top_p=0.7, temperature=1.0, num_beams=4, length_penalty=1.0, no_repeat_ngram_size=3, seed=1234.
 Bad values raise ValueError naming the flag (`make_strategy`, `check_options`).
 
-Compiled programs are kept on the instance and reused across calls: the decoder's prefill + loop (keyed by batch
-size, the prompt and generation length buckets, and the strategy: changing temperature / top_k / top_p / beam
-settings compiles a new program) and the scorer of `log_probs` (keyed by length buckets).
+One copy of the weights: the Generator holds them once, in the decoder's format (`Decoder.prepare`, made at load),
+and every mode (generation, streaming, `log_probs`) runs on that copy. Compiled programs are kept on the instance and
+reused across calls: the decoder's prefill + loop (keyed by batch size, the prompt and generation length buckets, and
+the strategy: changing temperature / top_k / top_p / beam settings compiles a new program) and the scorer of
+`log_probs` (keyed by length buckets).
 
 Streaming (`stream=callback`, one prompt): the callback receives the answer's text in pieces, in order: the text
 before the blank at once, then the blank as its tokens are generated, then the rest; ''.join(pieces) is the answer.
@@ -34,12 +36,10 @@ Not thread-safe: one call at a time per Generator.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from glm_jax import layouts, sharding
@@ -48,7 +48,8 @@ from glm_jax.generation import blanks as blanks_lib
 from glm_jax.generation import sampling as sampling_lib
 from glm_jax.generation.beam_search import BeamSearchConfig
 from glm_jax.generation.decode import Decoder, SamplingConfig, bucket_length
-from glm_jax.model import GLM, GLMConfig
+from glm_jax.model import GLMConfig
+from glm_jax.model_io import read_config
 from glm_jax.tokenizer import GLMTokenizer
 
 STRATEGIES = ('BaseStrategy', 'BeamSearchStrategy')
@@ -101,21 +102,6 @@ def check_options(*, out_seq_length=256, min_gen_length=0, seed=1234, **strategy
 # Loading
 
 
-def read_config(checkpoint: str | Path):
-  """The config of a glm-jax checkpoint or training run directory, without loading the parameters."""
-  import ml_collections
-  path = Path(checkpoint)
-  if not path.exists():
-    raise ValueError(f'{path}: no such checkpoint')
-  config_path = path / 'config.json'
-  if not config_path.is_file() or not ((path / 'params').is_dir() or (path / 'checkpoints').is_dir()):
-    raise ValueError(f'{path}: not a glm-jax checkpoint (expected config.json with params/ or checkpoints/)')
-  try:
-    return ml_collections.ConfigDict(json.loads(config_path.read_text(encoding='utf-8')))
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f'{config_path}: cannot read the config ({e})') from None
-
-
 def tokenizer_path(checkpoint: str | Path, tokenizer: str | Path | None = None, config=None) -> Path:
   """Where the tokenizer of this checkpoint is: `tokenizer` if given, else <checkpoint>/tokenizer.model, else the
   training run's `config.run.tokenizer` (a run trained with a given tokenizer keeps no copy). ValueError if none."""
@@ -152,52 +138,6 @@ def load_tokenizer_and_config(checkpoint: str | Path, tokenizer=None):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Streaming decoder
-
-
-class _StreamingDecoder(Decoder):
-  """The Decoder whose sampling loop also reports each token to the host as it is fed back into the model.
-
-  Step i of the loop feeds token i - 1 of every row; a `jax.debug.callback` there passes (i - 1, tokens [B]) to
-  `self.listener`. The last token (never fed back) is reported from the returned output (one prompt only). Beam
-  search is not reported.
-  """
-
-  def __init__(self, model, config_model, **mesh):
-    super().__init__(model, config_model, **mesh)
-    self.listener: Callable | None = None
-    self._error: BaseException | None = None
-
-  def _step_forward(self, params, inputs, cache, last_tokens, i, rows_per_prompt):
-    if rows_per_prompt == 1:
-      jax.debug.callback(self._emit, i - 1, last_tokens, ordered=True)
-    return super()._step_forward(params, inputs, cache, last_tokens, i, rows_per_prompt)
-
-  def _emit(self, step, tokens):
-    if self.listener is None or self._error is not None:
-      return
-    try:
-      self.listener(int(step), np.asarray(tokens))
-    except BaseException as e:  # noqa: BLE001 - re-raised in generate(), outside the XLA runtime
-      self._error = e
-
-  def generate(self, params, *args, on_tokens=None, **kwargs):
-    self.listener, self._error = on_tokens, None
-    try:
-      out = super().generate(params, *args, **kwargs)
-      if self._error is None and on_tokens is not None and len(out.tokens) == 1 and out.tokens[0]:
-        # The loop never feeds back its last token: report it now (one prompt; when the row ended earlier this is
-        # its end token, which the listener has seen already).
-        on_tokens(len(out.tokens[0]) - 1, np.asarray(out.tokens[0][-1:], np.int32))
-    finally:
-      self.listener = None
-    if self._error is not None:
-      err, self._error = self._error, None
-      raise err
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # The generator
 
 
@@ -205,36 +145,40 @@ class Generator:
   """A model, its parameters and tokenizer, with compiled programs cached on the instance (see module docstring)."""
 
   def __init__(self, params, config, tokenizer: GLMTokenizer, *, mesh=None):
-    """config: the run config (its axis_rules place the weights on `mesh`) or a model config. mesh: an optional
-    device mesh (sharding.make_mesh) to decode and score on, the weights split by the axis rules."""
+    """params: the parameters (numpy or jax; a tree, or the (name, subtree) iterator of
+    model_io.read_params_by_layer), their big matrices in config.weight_format (default: the checkpoint layout);
+    converted once into the decoder's format and not kept (drop your reference to hold one copy). config: the run
+    config (its axis_rules place the weights on `mesh`) or a model config. mesh: an optional device mesh
+    (sharding.make_mesh) to decode and score on, the weights split by the axis rules."""
     self.config = config
     self.model_config = GLMConfig.make(config.model if hasattr(config, 'model') else config)
     if tokenizer.vocab_size > self.model_config.vocab_size:
       raise ValueError(f'the tokenizer has {tokenizer.vocab_size} ids but the model only '
                        f'{self.model_config.vocab_size} embedding rows')
     self.tokenizer = tokenizer
-    self.model = GLM(self.model_config)
-    self._mesh = dict(mesh=None, rules=None)
+    rules = None
     if mesh is not None:
       rules = sharding.axis_rules(config if hasattr(config, 'axis_rules') else default_config())
-      self._mesh = dict(mesh=mesh, rules=rules)
-      self.params = jax.device_put(params, sharding.param_shardings(self.model, self.model_config, mesh, rules))
-    else:
-      self.params = jax.device_put(params)
     self.special_ids = blanks_lib.special_ids(tokenizer)
-    self._decoder = Decoder(self.model, self.model_config, **self._mesh)
-    self._streaming_decoder: _StreamingDecoder | None = None
-    self._score = jax.jit(self._score_impl)
+    self._decoder = Decoder(self.model_config, mesh=mesh, rules=rules)
+    # the one copy: per layer, in the decoder's weight format
+    self.weights = self._decoder.prepare(params, config.get('weight_format', 'in_out') if hasattr(config, 'get')
+                                         else 'in_out')
 
   @classmethod
   def load(cls, checkpoint: str | Path, tokenizer: str | Path | GLMTokenizer | None = None, *,
            mesh=None) -> 'Generator':
     """From a glm-jax model checkpoint or a training run directory (model_io.load_model). The tokenizer defaults to
     <checkpoint>/tokenizer.model (a training run keeps its tokenizer there); ValueError naming what is missing.
-    mesh: as for the constructor; each weight is read straight into its shards (no host holds the whole model)."""
-    from glm_jax.model_io import load_model
+    mesh: as for the constructor; each weight is read straight into its shards (no host holds the whole model).
+    Without a mesh the checkpoint is read one layer at a time (model_io.read_params_by_layer), each layer converted
+    to the decoder's format before the next is read."""
+    from glm_jax.model_io import load_model, read_params_by_layer
     tok, _ = load_tokenizer_and_config(checkpoint, tokenizer)
-    params, config = load_model(checkpoint, mesh=mesh)  # already placed: the constructor's device_put keeps them
+    if mesh is None:  # layer by layer from the files, each converted before the next is read
+      config, params = read_params_by_layer(checkpoint)
+    else:  # each weight's shards straight onto the devices
+      params, config = load_model(checkpoint, mesh=mesh)
     return cls(params, config, tok, mesh=mesh)
 
   @property
@@ -243,18 +187,13 @@ class Generator:
 
   @property
   def decoder(self) -> Decoder:
-    """The (non-streaming) Decoder; `decoder.trace_counts` shows what was compiled."""
+    """The Decoder; `decoder.trace_counts` shows what was compiled, `decoder.model` is the module it runs."""
     return self._decoder
 
   # -- generation ----------------------------------------------------------------------------------------------------
 
-  def _decode(self, contexts, mask_positions, use_gmask, *, on_tokens=None, **kwargs):
-    if on_tokens is None:
-      return self._decoder.generate(self.params, contexts, mask_positions, use_gmask, **kwargs)
-    if self._streaming_decoder is None:
-      self._streaming_decoder = _StreamingDecoder(self.model, self.model_config, **self._mesh)
-    return self._streaming_decoder.generate(self.params, contexts, mask_positions, use_gmask, on_tokens=on_tokens,
-                                            **kwargs)
+  def _decode(self, contexts, mask_positions, use_gmask, **kwargs):
+    return self._decoder.generate(self.weights, contexts, mask_positions, use_gmask, **kwargs)
 
   def fill(self, text: str | Sequence[str], *, out_seq_length=256, min_gen_length=0, strategy='BaseStrategy', top_k=0,
            top_p=0.7, temperature=1.0, num_beams=4, length_penalty=1.0, no_repeat_ngram_size=3, seed=1234,
@@ -284,12 +223,6 @@ class Generator:
     return result.text if isinstance(result, blanks_lib.FillResult) else [r.text for r in result]
 
   # -- scoring ---------------------------------------------------------------------------------------------------
-
-  def _score_impl(self, params, tokens, positions, mask, rows, targets):
-    logits = self.model.apply({'params': params}, tokens, positions, mask)  # [1, P, V] float32
-    picked = jnp.take(logits[0], rows, axis=0)  # [R, V]
-    logp = jax.nn.log_softmax(picked.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
   def choice_layout(self, context, continuations, *, use_gmask: bool = False) -> layouts.ChoiceLayout:
     """The §7.2 multiple-choice layout `log_probs` scores (texts are tokenised; lists of ids are used as is)."""
@@ -333,9 +266,8 @@ class Generator:
     r = bucket_length(len(rows))
     rows = np.pad(rows, (0, r - len(rows)))
     targets = np.pad(targets, (0, r - len(targets)))
-    with sharding.activate(**self._mesh):
-      logp = self._score(self.params, tokens, positions, mask[None, None], rows, targets)
-    logp = np.asarray(jax.device_get(logp))
+    logp = np.asarray(jax.device_get(self._decoder.score(self.weights, tokens, positions, mask[None, None], rows,
+                                                          targets)))
     out, start = [], 0
     for c in lay.choice_targets:
       out.append(float(np.sum(logp[start:start + len(c)], dtype=np.float64)))

@@ -1,11 +1,10 @@
 """The fast decoding core: batched prefill into a key/value cache, then one jit-compiled `lax.while_loop`.
 
-    decoder = Decoder(GLM(config.model), config.model)
-    out = decoder.generate(params, contexts, mask_positions, use_gmask, max_gen_length=64,
+    decoder = Decoder(config.model)
+    weights = decoder.prepare(params)     # the one copy of the weights it runs: per layer, in its weight format
+    out = decoder.generate(weights, contexts, mask_positions, use_gmask, max_gen_length=64,
                            strategy=SamplingConfig(greedy=True), end_tokens=(eos, eop))
     out.tokens[i]          # prompt i's generated ids (end token kept, as G130's batch_filling_sequence returns)
-
-or `generate_tokens(model, params, config.model, ...)`, which keeps one Decoder per model config.
 
 Layout (glm130b.md §5.1 step 7, §5.2, §10 items 3, 9, 17). Prompt b is a context `contexts[b]` of C_b ids ending
 with <sop>, its blank at mask_positions[b]. Its row semantics come from `layouts.generation_layout`: the context before
@@ -20,15 +19,18 @@ Buckets (`length_buckets`): powers of two from 16 up to 64, then multiples of 64
 the longest context, G = the smallest that holds max_gen_length (or the caller's own bucket list). Prompts whose
 lengths and max_gen_length fall in the same buckets reuse one compiled program.
 
-Weights: `generate` takes params in the checkpoint layout and runs a copy in the decoder's own layout
-(`Decoder.decode_params`: per-layer arrays; the kernels and the tied embedding packed in tiles of rows for
-cpu_kernels.packed_matmul when decoding float32 on CPU without a mesh, else output-major kernels), made once per params
-object and kept for the last one seen. With `Decoder(..., mesh=, rules=)` that copy is placed on the mesh by the axis
-rules and the programs run under it.
+Weights: `Decoder.prepare` converts checkpoint-layout params, once, into what the decoder runs: per-layer arrays in
+the weight format `decode_format` picks (glm_jax/weights.py: 'packed' for the CPU kernels when decoding float32 on CPU
+without a mesh, else output-major 'out_in'). `generate` and `score` take that tree; the decoder keeps no copy. With
+`Decoder(..., mesh=, rules=)` the weights are placed on the mesh by the axis rules and the programs run under it.
 
-Compile cache: one `jax.jit` per Decoder; its cache key is (params shapes, batch B, P, G, strategy, debug); all the
-rest (tokens, positions, masks, context lengths, max_gen_length, min_gen_length, end tokens, forced tokens, seed) is
-traced data. `Decoder.trace_counts` counts traces per (B, P, T = P + G, strategy, debug) key.
+Streaming: `generate(..., on_tokens=f)` (greedy / sampling) calls f(step, tokens [B]) from inside the compiled loop
+as each token is fed back (`jax.debug.callback`), and once more with the last token: the same program but for that
+callback (compiled separately), so the tokens equal those of a call without it.
+
+Compile cache: one `jax.jit` per Decoder; its cache key is (params shapes, batch B, P, G, strategy, debug, stream);
+all the rest (tokens, positions, masks, context lengths, max_gen_length, min_gen_length, end tokens, forced tokens,
+seed) is traced data. `Decoder.trace_counts` counts traces per (B, P, T = P + G, strategy, debug) key.
 
 Strategies:
 - `SamplingConfig` (greedy or temperature / top-k / top-p sampling, glm130b.md §5.3): after a row emits an end token
@@ -44,18 +46,20 @@ Randomness: the step-i key is `fold_in(PRNGKey(seed), i)`; the same seed, prompt
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm_jax import cpu_kernels, layouts, sharding
+from glm_jax import cpu_kernels, layouts, sharding, weights
 from glm_jax.generation import beam_search as beam_lib
 from glm_jax.generation import sampling as sampling_lib
-from glm_jax.model import (GLM, GLMConfig, init_cache, take_cache_rows, to_out_in_kernels, to_packed_kernels,
-                           unstack_layers)
+from glm_jax.kv_cache import init_cache, take_cache_rows
+from glm_jax.model import GLM, MASKED_SCORE, GLMConfig, attention_context, weight_specs
 
 # ------------------------------------------------------------------------------------------------------------------
 # Strategy configs and buckets
@@ -119,7 +123,7 @@ def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
 
 @dataclasses.dataclass
 class DecodeOutput:
-  """What `generate_tokens` returns.
+  """What `Decoder.generate` returns.
 
   tokens: per prompt, the generated ids (best beam for beam search, [] if no beam finished). They stop after the
     first end token, which is kept (G130's batch_filling_sequence output cut at the first -1; fill_blanks drops it).
@@ -187,50 +191,81 @@ def _take_last(x, i):
   return jax.lax.dynamic_slice_in_dim(x, i, 1, axis=x.ndim - 1)
 
 
+def decode_format(cfg: GLMConfig, mesh=None) -> tuple[str, Callable | None]:
+  """The one place that decides how decoding runs a model: (weight format, decode-step attention or None for XLA's).
+  The CPU kernels (glm_jax/cpu_kernels.py: the 'packed' format and the decode attention) for float32 on CPU without
+  a mesh, where they build; elsewhere output-major 'out_in' weights and XLA's attention."""
+  on_cpu = (mesh is None and jax.default_backend() == 'cpu' and cfg.dtype == 'float32'
+            and cfg.param_dtype == 'float32' and cpu_kernels.available())
+  if not on_cpu:
+    return 'out_in', None
+  return 'packed', functools.partial(cpu_kernels.decode_context, reference=attention_context,
+                                     masked_score=MASKED_SCORE)
+
+
 class Decoder:
   """Holds the jit-compiled prefill + decode loop for one model; reuse it across calls (see module docstring)."""
 
-  def __init__(self, model, config_model, *, mesh=None, rules=None):
-    """mesh / rules (sharding.make_mesh, sharding.axis_rules): decode on a device mesh. The decoder's weights are
-    placed by the rules (e.g. heads, GeGLU width and vocabulary over 'tensor'), the batch and the cache follow the
-    model's activation constraints, and each program runs under the mesh. Without a mesh: the default device."""
-    self.model = model
-    self.cfg = GLMConfig.make(config_model)
+  def __init__(self, config_model, *, mesh=None, rules=None):
+    """mesh / rules (sharding.make_mesh, sharding.axis_rules): decode on a device mesh. The weights are placed by the
+    rules (e.g. heads, GeGLU width and vocabulary over 'tensor'), the batch and the cache follow the model's
+    activation constraints, and each program runs under the mesh. Without a mesh: the default device."""
+    self.cfg = dataclasses.replace(GLMConfig.make(config_model), scan_layers=False, remat_policy='none')
     if (mesh is None) != (rules is None):
       raise ValueError('Decoder: give both mesh and rules (sharding.make_mesh, sharding.axis_rules), or neither')
-    # Decoding runs its own layout of the same weights (`decode_params`): per-layer arrays instead of a stacked one (no
-    # per-layer copy out of the stack at every step; each layer's cache updated in place), and kernels packed for the
-    # CPU kernel (float32 on CPU, no mesh) or else output-major.
-    packed = (mesh is None and jax.default_backend() == 'cpu' and self.cfg.dtype == 'float32'
-              and self.cfg.param_dtype == 'float32' and cpu_kernels.available())
-    self._decode_model = GLM(dataclasses.replace(self.cfg, scan_layers=False,
-                                                 kernel_layout='packed' if packed else 'out_in', remat_policy='none'))
+    # Per-layer weights (no per-layer copy out of a stacked array at every step; each layer's cache updated in place)
+    # in the format decode_format picks.
+    self.weight_format, attention = decode_format(self.cfg, mesh)
+    self.model = GLM(self.cfg, weight_format=self.weight_format, decode_attention=attention)
     self.mesh, self.rules = mesh, rules
-    out_shardings = None
+    self._shardings = None
     if mesh is not None:
-      out_shardings = sharding.shardings_for(sharding.abstract_params(self._decode_model, self._decode_model.config),
-                                             mesh, rules)
-    to_layout = to_packed_kernels if packed else to_out_in_kernels
-    self._to_decode_layout = jax.jit(lambda p: to_layout(unstack_layers(p)), out_shardings=out_shardings)
-    self._last_params = self._last_decode_params = None
+      self._shardings = sharding.shardings_for(sharding.abstract_params(self.model, self.cfg), mesh, rules)
     self.trace_counts: collections.Counter = collections.Counter()
-    self._run = jax.jit(self._program, static_argnames=('strategy', 'gen_bucket', 'debug'))
+    self._listener: Callable | None = None
+    self._listener_error: BaseException | None = None
+    self._run = jax.jit(self._program, static_argnames=('strategy', 'gen_bucket', 'debug', 'stream'))
+    self._score = jax.jit(self._score_impl)
 
   # -- public ------------------------------------------------------------------------------------------------------
 
-  def decode_params(self, params):
-    """`params` (the checkpoint layout) in the decoder's layout. The conversion copies the weights once; the result
-    for the last `params` object seen is kept, so repeated calls with the same params pay it once."""
-    if params is not self._last_params:
-      self._last_params, self._last_decode_params = params, self._to_decode_layout(params)
-    return self._last_decode_params
+  def prepare(self, params, weight_format: str = weights.CHECKPOINT_FORMAT):
+    """Parameters as the decoder runs them: per-layer arrays in its weight format, on its devices.
+
+    params: a parameter tree (stacked or per layer; numpy on the host or jax arrays) whose big matrices are in
+    `weight_format`, or an iterator of (name, subtree) pairs of the per-layer tree (model_io.read_params_by_layer).
+    One top-level entry (a layer) is converted and placed at a time, so that besides the result at most one layer
+    is held twice; drop `params` afterwards to keep one copy."""
+    specs = weight_specs(self.cfg)
+    entries = weights.unstack_layers(params).items() if isinstance(params, collections.abc.Mapping) else params
+    out = {}
+    for key, value in entries:
+      if weight_format != self.weight_format:
+        value = weights.to_checkpoint_params({key: value}, specs, weight_format)[key]
+        value = weights.convert_params({key: value}, specs, self.weight_format)[key]
+      out[key] = jax.device_put(value, None if self._shardings is None else self._shardings[key])
+    return out
 
   def generate(self, params, contexts: Sequence[Sequence[int]], mask_positions: Sequence[int],
                use_gmask: Sequence[bool] | bool, *, max_gen_length: int, strategy=GREEDY,
                end_tokens: Sequence[int] = (), min_gen_length: int = 0, seed: int = 0,
                buckets: Sequence[int] | None = None, prefix_tokens: Sequence[Sequence[int]] | None = None,
-               return_debug: bool = False) -> DecodeOutput:
-    """See `generate_tokens`."""
+               return_debug: bool = False, on_tokens: Callable[[int, np.ndarray], None] | None = None
+               ) -> DecodeOutput:
+    """Fill one blank per prompt, batched (glm130b.md §5.1-§5.4), with `params` from `prepare`.
+
+    contexts: per prompt the context ids ending with <sop> (e.g. `build_generation_input(...)[0].tokens` without the
+      -1 slots, or `seq + [sop]`); mask_positions: the blank's index; use_gmask: per prompt or one for all.
+    max_gen_length: at most this many tokens per prompt (G130's out_seq_length - len(context)).
+    strategy: a SamplingConfig (greedy / sampling) or a beam_search.BeamSearchConfig.
+    end_tokens: ids that finish a row. min_gen_length: end tokens are banned while fewer tokens than this have been
+      generated. (Beam search keeps both in its BeamSearchConfig; these arguments fill in the config's unset fields.)
+    buckets: explicit length buckets for P and G (default `length_buckets`).
+    prefix_tokens: per prompt, tokens forced as the first generated tokens (teacher forcing; sampling only). The
+      forced tokens count as generated (an end token among them ends the row).
+    return_debug: also return per-step logits and choices (DecodeOutput.debug).
+    on_tokens: streaming (greedy / sampling): called with (step, tokens [B]) as each step's tokens are known.
+    """
     cfg = self.cfg
     b = len(contexts)
     if b == 0:
@@ -293,10 +328,17 @@ class Decoder:
         last = [int(x) for x in seq[-m:]]
         tail[i, m - len(last):] = last
       inputs['context_tail'] = tail
-    decode_params = self.decode_params(params)
-    with sharding.activate(self.mesh, self.rules):
-      out = self._run(decode_params, inputs, strategy=strategy, gen_bucket=g, debug=return_debug)
-    out = jax.device_get(out)
+    stream = on_tokens is not None and not is_beam
+    self._listener, self._listener_error = on_tokens, None
+    try:
+      with sharding.activate(self.mesh, self.rules):
+        out = self._run(params, inputs, strategy=strategy, gen_bucket=g, debug=return_debug, stream=stream)
+      out = jax.device_get(out)
+    finally:
+      self._listener = None
+    if self._listener_error is not None:
+      err, self._listener_error = self._listener_error, None
+      raise err
     debug = None
     if return_debug:
       n = int(out['num_steps'])
@@ -315,15 +357,39 @@ class Decoder:
     for row in out['tokens'][:, :max_gen_length]:
       stop = np.flatnonzero(row < 0)
       tokens.append([int(t) for t in row[:stop[0] if stop.size else len(row)]])
+    if stream and len(tokens) == 1 and tokens[0]:
+      # The loop never feeds back its last token: report it now (when the row ended earlier this is its end token,
+      # which the listener has seen already).
+      on_tokens(len(tokens[0]) - 1, np.asarray(tokens[0][-1:], np.int32))
     return DecodeOutput(tokens=tokens, debug=debug)
+
+  def score(self, params, tokens, positions, mask, rows, targets):
+    """log p(targets[j]) at row rows[j] of one sequence (tokens [1, P], positions, mask [1, 1, P, P]) under the
+    `prepare`d weights: float32 [R] (multiple-choice scoring, glm130b.md §7.2)."""
+    with sharding.activate(self.mesh, self.rules):
+      return self._score(params, tokens, positions, mask, rows, targets)
+
+  def _score_impl(self, params, tokens, positions, mask, rows, targets):
+    logits = self.model.apply({'params': params}, tokens, positions, mask)  # [1, P, V] float32
+    logp = jax.nn.log_softmax(jnp.take(logits[0], rows, axis=0), axis=-1)  # [R, V]
+    return jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+
+  def _emit(self, step, tokens):
+    """The streaming callback (from inside the compiled loop): an error is kept and raised by `generate`."""
+    if self._listener is None or self._listener_error is not None:
+      return
+    try:
+      self._listener(int(step), np.asarray(tokens))
+    except BaseException as e:  # noqa: BLE001 - re-raised in generate(), outside the XLA runtime
+      self._listener_error = e
 
   # -- the compiled program ----------------------------------------------------------------------------------------
 
   def _forward(self, params, tokens, positions, mask, cache, index, logits_index=None):
-    return self._decode_model.apply({'params': params}, tokens, positions, mask, cache=cache, cache_index=index,
+    return self.model.apply({'params': params}, tokens, positions, mask, cache=cache, cache_index=index,
                                     logits_index=logits_index)
 
-  def _program(self, params, inputs, *, strategy, gen_bucket, debug):
+  def _program(self, params, inputs, *, strategy, gen_bucket, debug, stream):
     b, p = inputs['tokens'].shape
     g = gen_bucket
     t = p + g
@@ -332,16 +398,18 @@ class Decoder:
     # Prefill: the padded contexts into columns [0, P) of a fresh cache (per layer [B*N, T, H]).
     mask = jnp.pad(inputs['prefill_mask'], ((0, 0), (0, 0), (0, g)))[:, None]
     logits, cache = self._forward(params, inputs['tokens'], inputs['positions'], mask,
-                                  init_cache(self._decode_model.config, b, t), 0,
+                                  init_cache(self.cfg, b, t), 0,
                                   logits_index=inputs['context_lengths'] - 1)  # only each row's <sop> row
     first_logits = logits[:, 0]
 
     if isinstance(strategy, beam_lib.BeamSearchConfig):
       return self._beam_loop(params, inputs, cache, first_logits, strategy, g, debug)
-    return self._sampling_loop(params, inputs, cache, first_logits, strategy, g, debug)
+    return self._sampling_loop(params, inputs, cache, first_logits, strategy, g, debug, stream)
 
-  def _step_forward(self, params, inputs, cache, last_tokens, i, rows_per_prompt):
+  def _step_forward(self, params, inputs, cache, last_tokens, i, rows_per_prompt, stream=False):
     """Feed generated token i-1 of every row (written at column P + i - 1); return logits [R, V] and the cache."""
+    if stream:
+      jax.debug.callback(self._emit, i - 1, last_tokens, ordered=True)
     p = inputs['tokens'].shape[1]
     g = inputs['forced'].shape[1]
     ctx_vis = inputs['context_visible']
@@ -355,7 +423,7 @@ class Decoder:
     logits, cache = self._forward(params, last_tokens[:, None], _take_last(gen_pos, i - 1), mask, cache, p + i - 1)
     return logits[:, 0], cache
 
-  def _sampling_loop(self, params, inputs, cache, first_logits, strategy: SamplingConfig, g, debug):
+  def _sampling_loop(self, params, inputs, cache, first_logits, strategy: SamplingConfig, g, debug, stream):
     b, v = first_logits.shape
     invalid = np.zeros(v, bool)
     invalid[list(strategy.invalid_ids)] = True
@@ -394,7 +462,7 @@ class Decoder:
 
     def body(s):
       i = s['i']
-      logits, cache = self._step_forward(params, inputs, s['cache'], s['last'], i, 1)
+      logits, cache = self._step_forward(params, inputs, s['cache'], s['last'], i, 1, stream)
       tok, emitted, done = choose(logits, i, s['done'])
       s = dict(s, i=i + 1, cache=cache, last=tok, done=done,
                tokens=jax.lax.dynamic_update_slice_in_dim(s['tokens'], emitted[:, None], i, axis=1))
@@ -460,42 +528,3 @@ def _merge_beam_ends(cfg, end_tokens, min_gen_length):
     raise ValueError(f'min_gen_length {min_gen_length} differs from the BeamSearchConfig\'s {cfg.min_gen_length}')
   return dataclasses.replace(cfg, end_tokens=cfg.end_tokens or end_tokens,
                              min_gen_length=cfg.min_gen_length or int(min_gen_length))
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Functional entry point
-
-_DECODERS: dict[GLMConfig, Decoder] = {}
-
-
-def get_decoder(model, config_model) -> Decoder:
-  """The module-level Decoder for this model config (so compiled programs are reused across calls)."""
-  cfg = GLMConfig.make(config_model)
-  dec = _DECODERS.get(cfg)
-  if dec is None:
-    dec = _DECODERS[cfg] = Decoder(model, cfg)
-  return dec
-
-
-def generate_tokens(model, params, config_model, contexts: Sequence[Sequence[int]], mask_positions: Sequence[int],
-                    use_gmask: Sequence[bool] | bool, *, max_gen_length: int, strategy=GREEDY,
-                    end_tokens: Sequence[int] = (), min_gen_length: int = 0, seed: int = 0,
-                    buckets: Sequence[int] | None = None, prefix_tokens: Sequence[Sequence[int]] | None = None,
-                    return_debug: bool = False) -> DecodeOutput:
-  """Fill one blank per prompt, batched (glm130b.md §5.1-§5.4).
-
-  contexts: per prompt the context ids ending with <sop> (e.g. `build_generation_input(...)[0].tokens` without the
-    -1 slots, or `seq + [sop]`); mask_positions: the blank's index; use_gmask: per prompt or one for all.
-  max_gen_length: at most this many tokens per prompt (G130's out_seq_length - len(context)).
-  strategy: a SamplingConfig (greedy / sampling) or a beam_search.BeamSearchConfig.
-  end_tokens: ids that finish a row. min_gen_length: end tokens are banned while fewer tokens than this have been
-    generated. (Beam search keeps both in its BeamSearchConfig; these arguments fill in the config's unset fields.)
-  buckets: explicit length buckets for P and G (default `length_buckets`).
-  prefix_tokens: per prompt, tokens forced as the first generated tokens (teacher forcing; sampling only). The
-    forced tokens count as generated (an end token among them ends the row).
-  return_debug: also return per-step logits and choices (DecodeOutput.debug).
-  """
-  return get_decoder(model, config_model).generate(
-      params, contexts, mask_positions, use_gmask, max_gen_length=max_gen_length, strategy=strategy,
-      end_tokens=end_tokens, min_gen_length=min_gen_length, seed=seed, buckets=buckets, prefix_tokens=prefix_tokens,
-      return_debug=return_debug)

@@ -32,9 +32,10 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict, *, force: bool = False) -> bool:
     """Starts saving (asynchronously); returns at once. wait() or close() before relying on the files."""
+    from glm_jax.model_io import layer_chunked_save_args
     return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),
-        force=force)
+        state=ocp.args.StandardSave(state, save_args=layer_chunked_save_args(state)),
+        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=force)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict, dict]:
     """(step, state, data_state, meta) of `step` (default: the latest complete one).

@@ -28,12 +28,10 @@ import jax
 import numpy as np
 
 from glm_jax import sharding
-from glm_jax.model import GLM, GLMConfig, train_flops_per_token
+from glm_jax.flops import train_flops_per_token
+from glm_jax.model import GLM, GLMConfig
 from glm_jax.train import checkpoint as ckpt
 from glm_jax.train.step import init_train_state, make_train_step
-
-PHASES = ('after_step', 'save_started', 'after_save')
-
 
 def _fault_point(phase: str, step: int):
   spec = os.environ.get('GLM_JAX_KILL_AT')
