@@ -30,4 +30,5 @@ def get_config():
   r.log_every = 10
   r.eval_every = 200
   r.save_every = 100
+  r.sample_prompts = ('KING RICHARD: My lord, the [MASK] is come.', 'First Citizen:', '宝玉听了，')
   return config

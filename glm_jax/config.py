@@ -187,4 +187,7 @@ def run_defaults() -> ml_collections.ConfigDict:
   r.peak_flops = 0.0  # the machine's peak FLOP/s for model FLOP utilisation; 0 = measure an fp32 matmul at start
   r.tokenizer = ''  # a GLMTokenizer .model file; '' = the run directory's own, trained on the corpus if missing
   r.tokenizer_vocab_size = 8182  # pieces of a tokenizer trained by the run (+10 specials = 8192 ids)
+  # launch/train.py ends by printing the trained model's answer to each of these prompts (GLM-130B's generate.py
+  # defaults: top-p 0.7 sampling, seed 1234; a prompt without a mask is continued after [gMASK]); () = none.
+  r.sample_prompts = ()
   return r

@@ -17,7 +17,9 @@ hold one tensor-parallel rank each, as `{'module': state_dict}`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -52,6 +54,19 @@ def save_model(directory: str | Path, params, config, *, weight_format: str = 'i
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
   return directory
+
+
+@contextlib.contextmanager
+def _metadata_warning_off():
+  """Orbax warns that a training run's item folder (checkpoints/<step>/state) has no _CHECKPOINT_METADATA: its
+  manager writes that file one level up, and the item reads fine without it."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def layer_chunked_save_args(tree):
@@ -108,7 +123,7 @@ def load_model(path: str | Path, *, mesh=None):
     params_dir, subtree = path / 'params', None
   else:
     params_dir, subtree = _latest_run_step(path), 'params'
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with ocp.PyTreeCheckpointer() as checkpointer, _metadata_warning_off():
     stored = checkpointer.metadata(params_dir.resolve()).item_metadata.tree
     if subtree is not None and subtree not in stored:
       raise ValueError(f'{params_dir}: no {subtree!r} in this checkpoint')
@@ -137,7 +152,7 @@ def read_params_by_layer(path: str | Path):
   path = Path(path)
   config = read_config(path)
   params_dir, prefix = (path / 'params', '') if (path / 'params').is_dir() else (_latest_run_step(path), 'params.')
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with ocp.PyTreeCheckpointer() as checkpointer, _metadata_warning_off():
     stored = checkpointer.metadata(params_dir.resolve()).item_metadata.tree
   stored = stored['params'] if prefix else stored
 

@@ -129,3 +129,55 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
   """Sharding of a batch-leading input array of rank `ndim`: batch axis by the rules, the rest replicated."""
   spec = nn.logical_to_mesh_axes(('batch',) + (None,) * (ndim - 1), rules)
   return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
+
+
+# The config.model field behind each logical parameter axis, for errors that say what to change.
+_AXIS_FIELDS = {'embed': 'hidden_size', 'heads': 'num_attention_heads', 'mlp': 'inner_hidden_size',
+                'vocab': 'vocab_size', 'layers': 'num_layers'}
+
+
+def check_mesh_fits(model, model_config, rules, sizes: dict[str, int]) -> None:
+  """ValueError unless every parameter dimension divides by the mesh axes the rules split it over. The message
+  names the config field, the mesh axis and the sizes of that axis that would work."""
+  boxed = abstract_params(model, model_config)
+  table = dict(rules)
+  for path, box in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    for dim, name in zip(box.value.shape, box.names):
+      target = table.get(name)
+      axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+      split = math.prod(sizes.get(a, 1) for a in axes)
+      if split > 1 and dim % split:
+        field = _AXIS_FIELDS.get(name)
+        what = f'config.model.{field}={dim}' if field else f'the {name!r} axis ({dim})'
+        where = ' x '.join(f'{a}={sizes[a]}' for a in axes)
+        fits = [d for d in range(2, min(dim, 1024) + 1) if dim % d == 0][:8]
+        raise ValueError(f'the mesh cannot split {what} over {where} (logical axis {name!r} of '
+                         f'{jax.tree_util.keystr(path)}, by config.axis_rules); {where} must divide {dim}: '
+                         f'sizes that do: 1{"".join(f", {d}" for d in fits)}')
+
+
+def shard_shape(shape, logical_axes, rules, sizes: dict[str, int]) -> tuple[int, ...]:
+  """The shape of one device's shard of an array with these logical axes, by the rules, on a mesh of these sizes."""
+  table = dict(rules)
+  out = []
+  for dim, name in zip(shape, logical_axes):
+    target = table.get(name)
+    targets = () if target is None else (target if isinstance(target, tuple) else (target,))
+    out.append(math.ceil(dim / math.prod(sizes[t] for t in targets)))
+  return tuple(out)
+
+
+def parameter_table(config, sizes: dict[str, int]):
+  """Rows (path, shape, logical axes, count, bytes per device) of a config's parameters on a mesh of these sizes
+  (which need not exist here), by abstract evaluation: nothing is allocated."""
+  from glm_jax.model import GLM
+  boxed = abstract_params(GLM(config.model), config.model)
+  rules = axis_rules(config)
+  rows = []
+  for path, box in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    value = box.value
+    name = '.'.join(str(getattr(k, 'key', k)) for k in path)
+    count = math.prod(value.shape)
+    per_device = math.prod(shard_shape(value.shape, box.names, rules, sizes)) * value.dtype.itemsize
+    rows.append((name, tuple(value.shape), tuple(box.names), count, per_device))
+  return rows

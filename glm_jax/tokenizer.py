@@ -180,6 +180,29 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
+def tokenizer_path(directory: str | os.PathLike, given: str | os.PathLike | None = None,
+                   configured: str | os.PathLike | None = None, *, required: bool = True) -> Path | None:
+  """The tokenizer of a run or checkpoint directory, by the one policy of training, generation and evaluation:
+  `given` (a .model file; the suffix may be left out), else `configured` (the run config's run.tokenizer, when set: a
+  run trained with a given tokenizer keeps no copy), else <directory>/tokenizer.model (a run that trained its own).
+  A given or configured file that does not exist is a ValueError naming it; with none at all, ValueError (or None
+  when not `required`)."""
+  for name, value in (('tokenizer', given), ('config.run.tokenizer', configured)):
+    if value:
+      p = Path(value)
+      if not p.exists() and p.suffix != '.model' and Path(str(p) + '.model').exists():
+        p = Path(str(p) + '.model')
+      if not p.is_file():
+        raise ValueError(f'tokenizer model file not found: {p} ({name})')
+      return p
+  own = Path(directory) / 'tokenizer.model'
+  if own.is_file():
+    return own
+  if required:
+    raise ValueError(f'no tokenizer: {own} does not exist; pass --tokenizer (tokenizer=) with the .model file')
+  return None
+
+
 def sidecar_path(model_path: str | os.PathLike) -> Path:
   """Path of the JSON sidecar that belongs to ``<out>.model``."""
   p = Path(model_path)

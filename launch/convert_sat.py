@@ -16,8 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from glm_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'With --from-sat: the config whose config.model '
                                           'describes the SAT model, e.g. configs/glm_130b.py.', lock_config=False)
@@ -30,37 +32,32 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float16', ['float16', 'float32', 'bfloat16'
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   if bool(_FROM_SAT.value) == bool(_TO_SAT.value):
-    raise app.UsageError('give exactly one of --from-sat or --to-sat')
+    raise cli.UsageError('give exactly one of --from-sat or --to-sat')
   if not _OUT.value:
-    raise app.UsageError('--out is required')
-  try:
-    from glm_jax import model_io
-    from glm_jax.sat_convert import from_sat_state_dict, to_sat_state_dict
-    if _FROM_SAT.value:
-      config = _CONFIG.value
-      if config is None:
-        raise app.UsageError('--from-sat needs --config (the model the checkpoint holds)')
-      sd = model_io.read_sat_checkpoint(_FROM_SAT.value)
-      params = from_sat_state_dict(sd, config.model)
-      out = model_io.save_model(_OUT.value, params, config)
-      print(f'wrote glm-jax checkpoint {out}')
-    else:
-      params, config = model_io.load_model(_TO_SAT.value)
-      if config.model.num_attention_heads % _TP.value or config.model.inner_hidden_size % _TP.value:
-        raise ValueError(f'--tp {_TP.value} does not divide the heads ({config.model.num_attention_heads}) and '
-                         f'the GeGLU width ({config.model.inner_hidden_size})')
-      state_dict = to_sat_state_dict(params, config.model, weight_format=config.weight_format)
-      out = model_io.write_sat_checkpoint(_OUT.value, state_dict, tp=_TP.value, dtype=_DTYPE.value)
-      print(f'wrote SAT checkpoint {out} ({_TP.value} rank(s), {_DTYPE.value})')
-  except ValueError as e:
-    print(f'convert_sat.py: error: {e}', file=sys.stderr)
-    return 2
+    raise cli.UsageError('--out is required')
+  from glm_jax import model_io
+  from glm_jax.sat_convert import from_sat_state_dict, to_sat_state_dict
+  if _FROM_SAT.value:
+    config = _CONFIG.value
+    if config is None:
+      raise cli.UsageError('--from-sat needs --config (the model the checkpoint holds)')
+    sd = model_io.read_sat_checkpoint(_FROM_SAT.value)
+    params = from_sat_state_dict(sd, config.model)
+    out = model_io.save_model(_OUT.value, params, config)
+    print(f'wrote glm-jax checkpoint {out}')
+  else:
+    params, config = model_io.load_model(_TO_SAT.value)
+    if config.model.num_attention_heads % _TP.value or config.model.inner_hidden_size % _TP.value:
+      raise cli.UsageError(f'--tp {_TP.value} does not divide the heads ({config.model.num_attention_heads}) and '
+                           f'the GeGLU width ({config.model.inner_hidden_size})')
+    state_dict = to_sat_state_dict(params, config.model, weight_format=config.weight_format)
+    out = model_io.write_sat_checkpoint(_OUT.value, state_dict, tp=_TP.value, dtype=_DTYPE.value)
+    print(f'wrote SAT checkpoint {out} ({_TP.value} rank(s), {_DTYPE.value})')
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -235,8 +235,10 @@ def main(argv=None) -> int:
     mesh = None
     if args.mesh is not None:
       from glm_jax import sharding
+      from glm_jax.model import GLM
       try:
         mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, config.mesh))
+        sharding.check_mesh_fits(GLM(config.model), config.model, sharding.axis_rules(config), dict(mesh.shape))
       except ValueError as e:
         raise UsageError(e if str(e).startswith('--mesh') else f'--mesh {args.mesh}: {e}') from None
     gen = api.Generator.load(args.checkpoint, tokenizer, mesh=mesh)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from glm_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/glm_130b.py.', lock_config=False)
 _MESH = flags.DEFINE_string('mesh', None, 'Mesh to size the shards for, as axis=size pairs, e.g. '
@@ -24,35 +26,6 @@ _MESH = flags.DEFINE_string('mesh', None, 'Mesh to size the shards for, as axis=
                             'Default: the config\'s mesh, with -1 read as 1.')
 _FORWARD = flags.DEFINE_bool('forward', False, 'Also initialise the model on this machine and run one forward '
                              'pass on a batch of 2 x 16 tokens (only sensible for small configs).')
-
-
-def shard_shape(shape, logical_axes, rules, sizes):
-  table = dict(rules)
-  out = []
-  for dim, name in zip(shape, logical_axes):
-    target = table.get(name)
-    targets = () if target is None else (target if isinstance(target, tuple) else (target,))
-    out.append(math.ceil(dim / math.prod(sizes[t] for t in targets)))
-  return tuple(out)
-
-
-def parameter_table(config, sizes):
-  """Rows (path, shape, logical axes, count, bytes per device) and totals, by abstract evaluation."""
-  import jax
-  from glm_jax import GLM, axis_rules
-  from glm_jax.sharding import abstract_params
-  import flax.linen as nn
-
-  boxed = abstract_params(GLM(config.model), config.model)
-  rules = axis_rules(config)
-  rows = []
-  for path, box in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
-    value = box.value
-    name = '.'.join(str(getattr(k, 'key', k)) for k in path)
-    count = math.prod(value.shape)
-    per_device = math.prod(shard_shape(value.shape, box.names, rules, sizes)) * value.dtype.itemsize
-    rows.append((name, tuple(value.shape), tuple(box.names), count, per_device))
-  return rows
 
 
 def _fmt_bytes(n: float) -> str:
@@ -83,19 +56,16 @@ def forward_demo(config):
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the table
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError('--config is required, e.g. --config configs/glm_130b.py')
-  try:
-    from glm_jax.sharding import parse_mesh
-    sizes = parse_mesh(_MESH.value, config.mesh)
-    rows = parameter_table(config, sizes)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    raise cli.UsageError('--config is required, e.g. --config configs/glm_130b.py')
+  from glm_jax import GLM, axis_rules
+  from glm_jax.sharding import check_mesh_fits, parameter_table, parse_mesh
+  sizes = parse_mesh(_MESH.value, config.mesh)
+  check_mesh_fits(GLM(config.model), config.model, axis_rules(config), sizes)
+  rows = parameter_table(config, sizes)
   m = config.model
   print(f'GLM: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, '
         f'GeGLU {m.inner_hidden_size}, vocabulary {m.vocab_size}, params {m.param_dtype}, compute {m.dtype}')
@@ -114,4 +84,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,33 +10,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm_jax.files import atomic_write  # noqa: E402
+from glm_jax.train.loop import read_metrics  # noqa: E402
 
 DEFAULT_METRICS = ('loss', 'heldout_loss', 'heldout_bpb', 'learning_rate', 'grad_norm', 'tokens_per_s')
-
-
-def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-  path = run_dir / 'metrics.jsonl'
-  if not path.is_file():
-    raise ValueError(f'{path}: no such file (is {run_dir} a run directory of launch/train.py?)')
-  series: dict[str, dict[int, float]] = {}
-  for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}:{n}: not JSON ({e.msg})') from None
-    for k, v in record.items():
-      if k != 'step' and isinstance(v, (int, float)):
-        series.setdefault(k, {})[int(record['step'])] = float(v)  # a resumed run's repeated steps: the last wins
-  return {k: sorted(v.items()) for k, v in series.items()}
 
 
 def plot(runs: list[Path], metrics: list[str], out: Path):

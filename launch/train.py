@@ -17,8 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from glm_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py; override any field '
                                           'with --config.<group>.<field>=value.', lock_config=False)
@@ -26,34 +28,28 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<c
 
 
 def _tokenizer(config, workdir: Path):
-  """The run's tokenizer: config.run.tokenizer if given, else the one in the workdir, else train one there."""
-  from glm_jax.tokenizer import GLMTokenizer
+  """The run's tokenizer (glm_jax.tokenizer.tokenizer_path's policy: config.run.tokenizer if set, else the one in
+  the workdir), else one trained there."""
+  from glm_jax.tokenizer import GLMTokenizer, tokenizer_path
   from glm_jax.tokenizer_training import train_tokenizer
-  if config.run.tokenizer:
-    return GLMTokenizer.load(config.run.tokenizer)
+  found = tokenizer_path(workdir, configured=config.run.tokenizer, required=False)
+  if found is not None:
+    return GLMTokenizer.load(found)
   own = workdir / 'tokenizer.model'
-  if not own.exists():
-    print(f'training a {config.run.tokenizer_vocab_size}-piece tokenizer on {list(config.data.corpus_paths)} '
-          f'-> {own}')
-    train_tokenizer(list(config.data.corpus_paths), config.run.tokenizer_vocab_size, workdir / 'tokenizer',
-                    layout='compact', seed=config.seed)
+  print(f'training a {config.run.tokenizer_vocab_size}-piece tokenizer on {list(config.data.corpus_paths)} -> {own}')
+  train_tokenizer(list(config.data.corpus_paths), config.run.tokenizer_vocab_size, workdir / 'tokenizer',
+                  layout='compact', seed=config.seed)
   return GLMTokenizer.load(own)
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError('--config is required, e.g. --config configs/tiny.py')
+    raise cli.UsageError('--config is required, e.g. --config configs/tiny.py')
   config_name = Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem
-  workdir = Path(_WORKDIR.value or Path('runs') / config_name)
-  try:
-    return _train(config, workdir)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'train.py: error: {e}', file=sys.stderr)
-    return 2
+  return _train(config, Path(_WORKDIR.value or Path('runs') / config_name))
 
 
 def _train(config, workdir: Path) -> int:
@@ -74,10 +70,19 @@ def _train(config, workdir: Path) -> int:
   summary = loop.run(config, workdir, tokenizer=tokenizer, train_batches=batches,
                      heldout_fn=lambda: heldout_batches(corpus, tokenizer, t.seq_len, config.run.eval_batch_size))
   if 'heldout_bpb' in summary:
+    from glm_jax.data.baselines import heldout_baselines
     print(f"step {summary['step']}: held-out loss {summary['heldout_loss']:.4f} nats/token, "
           f"bits per byte {summary['heldout_bpb']:.4f}")
+    others = ', '.join(f'{k} {v:.4f}' for k, v in heldout_baselines(corpus, config.model.vocab_size).items())
+    print(f'  the same {corpus.num_heldout_bytes:,} held-out bytes, in bits per byte: {others}')
+  if config.run.sample_prompts:
+    from glm_jax.generation import Generator
+    gen = Generator.load(workdir, tokenizer)
+    print('samples (top-p 0.7, seed 1234):')
+    for prompt in config.run.sample_prompts:
+      print(f'  {prompt}\n    -> {gen.generate(prompt, out_seq_length=64)}')
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

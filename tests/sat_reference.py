@@ -302,7 +302,8 @@ def set_rope_inv_freq(model: torch.nn.Module, inv_freq: np.ndarray) -> None:
     rotary = model.get_mixin("rotary-embedding").rotary_emb
     if tuple(rotary.inv_freq.shape) != np.shape(inv_freq):
         raise ValueError(f"inv_freq must have shape {tuple(rotary.inv_freq.shape)}, got {np.shape(inv_freq)}")
-    rotary.inv_freq.copy_(torch.from_numpy(np.asarray(inv_freq, np.float32)))
+    # float32 even after model.half(): SAT builds the table in fp32 and casts it to the activations' dtype
+    rotary.inv_freq = torch.from_numpy(np.array(inv_freq, np.float32))
     rotary.max_seq_len_cached = rotary.cos_cached = rotary.sin_cached = None
 
 

@@ -1,6 +1,7 @@
 """glm_jax.data: corpus reading and held-out split, §3.4 sample statistics and structure, the batch iterator."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,3 +375,20 @@ def test_data_defaults():
   assert (d.mask_prob, d.mask_ratio, d.poisson_lambda, d.min_gmask_ratio) == (0.3, 0.15, 3.0, 0.2)
   assert (d.mip_share, d.mip_path, d.heldout_fraction, d.samples_per_sequence) == (0.05, '', 0.01, 4)
   assert [p.split('/')[-1] for p in d.corpus_paths] == ['tinyshakespeare', 'gutenberg_en', 'classics_zh']
+
+
+def test_heldout_baselines_by_hand():
+  """Unigram: add-one counts of the training tokens [0, 0, 1] over 3 ids are 3, 2, 1 (of 6); the held-out tokens
+  0, 1, 2 of 'abc' (3 bytes) cost 1 + log2(3) + log2(6) bits. Compressors: a repetitive text packs below 1 bit."""
+  from glm_jax.data.baselines import heldout_baselines
+  from glm_jax.data.corpus import Corpus, HeldoutDocument
+  corpus = Corpus(files=(Path('a.txt'),), train_tokens=np.array([0, 0, 1], np.int32),
+                  file_offsets=np.array([0, 3]), heldout=(HeldoutDocument(Path('a.txt'), 'abc', np.array([0, 1, 2])),),
+                  heldout_fraction=0.01)
+  assert heldout_baselines(corpus, 3)['unigram'] == pytest.approx((1 + np.log2(3) + np.log2(6)) / 3)
+  repetitive = Corpus(files=(Path('a.txt'),), train_tokens=np.array([0], np.int32), file_offsets=np.array([0, 1]),
+                      heldout=(HeldoutDocument(Path('a.txt'), 'to be or not ' * 500, np.array([0])),),
+                      heldout_fraction=0.01)
+  bpb = heldout_baselines(repetitive, 1)
+  assert set(bpb) == {'unigram', 'bzip2 -9', 'xz -9e', 'gzip -9'}
+  assert all(0 < bpb[k] < 1 for k in ('bzip2 -9', 'xz -9e', 'gzip -9'))

@@ -253,25 +253,53 @@ def test_sampling_deterministic_and_streamed(gen):
   assert pieces[0] == text
 
 
+def _choice_layout_by_hand(tok, context, options, gmask):
+  """GLM-130B's multiple-choice sample (glm130b.md §7.2), written here from the spec (not with glm_jax.layouts):
+  (tokens, positions, may-attend mask, per option the rows read and the target ids). One point follows G130's
+  evaluation code (ModelForEvaluation.build_multiple_choice_sample), whose numbers were published, over §7.2's text:
+  [gMASK] options count from mask_position = len(text), the appended [gMASK]'s own position, not from division."""
+  ctx = tok.encode_with_masks(context)
+  if tok.mask_id in ctx:
+    mask_position = ctx.index(tok.mask_id)  # the context's own blank
+  else:
+    ctx, mask_position = ctx + [tok.gmask_id if gmask else tok.mask_id], len(ctx)
+  division = len(ctx)
+  targets = [tok.encode(o) or [tok.eop_id] for o in options]  # an empty option scores <eop> (our API's rule)
+  single = all(len(t) == 1 for t in targets)
+  blocks = [[tok.sop_id]] if single else [[tok.sop_id] + t[:-1] for t in targets]
+  tokens = ctx + [x for blk in blocks for x in blk]
+  n = len(tokens)
+  positions = list(range(division))
+  may = np.zeros((n, n), bool)
+  may[:, :division] = True  # every row sees the whole context; context rows see no option
+  rows, start = [], division
+  for blk in blocks:
+    positions += [mask_position + j for j in range(len(blk))] if gmask else [mask_position] * len(blk)
+    for j in range(len(blk)):
+      may[start + j, start:start + j + 1] = True  # causal within its own block only
+    rows.append(list(range(start, start + len(blk))))
+    start += len(blk)
+  if single:
+    rows = [rows[0]] * len(targets)  # every option read at the one <sop> row
+  return np.array(tokens, np.int32), np.array(positions, np.int32), may, rows, targets
+
+
 def test_log_probs_match_full_forward(gen, tok, checkpoint):
   from glm_jax import GLM, load_model
-  sid = blanks.special_ids(tok)
   params, config = load_model(checkpoint)  # the checkpoint's own model (the Generator runs the decoder's format)
   model = GLM(config.model)
   forward = jax.jit(lambda p, t, q, m: model.apply({'params': p}, t, q, m))
   cases = [('To be or not [MASK] be', [' to', ' a big town', ''], False),  # the context's blank; <eop> for ''
-           ('Farewell,', [' my', ' good'], True)]  # [gMASK] appended; single-token options share one <sop> row
-  assert all(len(tok.encode(o)) == 1 for o in cases[1][1])
+           ('Farewell,', [' my', ' good'], True),  # [gMASK] appended; single-token options share one <sop> row
+           ('Farewell,', [' my lord', ' good'], False)]  # [MASK] appended; options at the mask's position
+  assert all(len(tok.encode(o)) == 1 for o in cases[1][1]) and len(tok.encode(' my lord')) > 1
   for context, options, gmask in cases:
     scores = gen.log_probs(context, options, use_gmask=gmask)
-    lay = layouts.multiple_choice_layout(tok.encode_with_masks(context), [tok.encode(o) for o in options], sid,
-                                         use_task_mask=gmask)
-    assert lay.single_token == gmask
-    logits = np.asarray(forward(params, lay.layout.tokens[None], lay.layout.position_ids[None],
-                                lay.layout.attention_mask[None, None]))[0].astype(np.float64)
+    tokens, positions, may, rows, targets = _choice_layout_by_hand(tok, context, options, gmask)
+    logits = np.asarray(forward(params, tokens[None], positions[None], may[None, None]))[0].astype(np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
-    want = [float(logp[rows, tgt].sum()) for rows, tgt in zip(lay.read_rows, lay.choice_targets)]
+    want = [float(logp[r, t].sum()) for r, t in zip(rows, targets)]
     np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
   compiled = gen.decoder._score._cache_size()
   assert gen.log_probs('To be or not [MASK] be', [' at']) == gen.log_probs('To be or not [MASK] be', [' at'])
@@ -332,7 +360,11 @@ def test_cli_errors_in_process(capsys, checkpoint, tok, tmp_path):
            (['--checkpoint', checkpoint, '--top_k', 'x'], "invalid int value: 'x'"),
            (['--checkpoint', checkpoint, '--sampling-strategy', 'Greedy'], 'invalid choice'),
            (['--checkpoint', checkpoint, '--mesh', 'tensor=two'], "--mesh: bad entry 'tensor=two'"),
-           (['--checkpoint', checkpoint, '--mesh', 'tensor=16'], 'needs 16 devices, but 8 are available')]
+           (['--checkpoint', checkpoint, '--mesh', 'tensor=16'], 'needs 16 devices, but 8 are available'),
+           (['--checkpoint', checkpoint, '--mesh', 'tensor=4,data=2'],
+            'cannot split config.model.inner_hidden_size=170 over tensor=4'),
+           (['--checkpoint', checkpoint, '--min-gen-length', '500', '--out-seq-length', '64'],
+            '--min-gen-length 500 cannot be met within --out-seq-length 64')]
   for argv, message in cases:
     try:
       status = cli.main([str(a) for a in argv])

@@ -44,7 +44,8 @@ def _command(workdir, tokenizer, corpus, *extra):
           '--config.train.warmup_steps=2', f'--config.train.decay_steps={STEPS}', f'--config.run.steps={STEPS}',
           '--config.run.save_every=2', '--config.run.log_every=1', f'--config.run.eval_every={STEPS}',
           '--config.run.peak_flops=1e10', f'--config.run.tokenizer={tokenizer}',
-          f'--config.data.corpus_paths={corpus}', '--config.data.mip_share=0.25', *extra]
+          f'--config.data.corpus_paths={corpus}', '--config.data.mip_share=0.25', '--config.run.sample_prompts=()',
+          *extra]
 
 
 def _env(**extra):
@@ -171,6 +172,28 @@ def test_load_model_reads_the_run_parameters_onto_a_mesh(uninterrupted):
   for a, b, c in zip(_flat(want), _flat(host), _flat(placed)):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
+
+
+def test_run_checkpoints_are_read_by_layer_without_warnings(uninterrupted, caplog):
+  """A run's checkpoint stores its stacked arrays one layer per chunk, and model_io reads it layer by layer into the
+  per-layer tree, without Orbax's warning about the item folder's missing _CHECKPOINT_METADATA."""
+  import logging
+
+  import tensorstore as ts
+
+  from glm_jax import model_io, weights
+  want, _ = _final_params(uninterrupted[0])
+  with caplog.at_level(logging.WARNING):
+    _, entries = model_io.read_params_by_layer(uninterrupted[0])
+    by_layer = dict(entries)
+    model_io.load_model(uninterrupted[0])
+  assert not [r for r in caplog.records if 'Metadata file does not exist' in r.getMessage()]
+  for a, b in zip(_flat(weights.unstack_layers(want)), _flat(by_layer)):
+    np.testing.assert_array_equal(a, b)
+  state = Path(uninterrupted[0]) / 'checkpoints' / str(STEPS) / 'state'
+  qkv = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'ocdbt', 'base': f'file://{state}',
+                                               'path': 'params.layers.attention.qkv_kernel/'}}).result()
+  assert qkv.chunk_layout.read_chunk.shape[0] == 1 and qkv.shape[0] > 1
 
 
 def test_load_model_names_a_config_that_does_not_fit_the_parameters(uninterrupted, tmp_path):

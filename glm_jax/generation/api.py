@@ -51,6 +51,7 @@ from glm_jax.generation.decode import Decoder, SamplingConfig, bucket_length
 from glm_jax.model import GLMConfig
 from glm_jax.model_io import read_config
 from glm_jax.tokenizer import GLMTokenizer
+from glm_jax.tokenizer import tokenizer_path as find_tokenizer
 
 STRATEGIES = ('BaseStrategy', 'BeamSearchStrategy')
 
@@ -93,6 +94,9 @@ def check_options(*, out_seq_length=256, min_gen_length=0, seed=1234, **strategy
     raise ValueError(f'--out-seq-length must be an integer >= 2 (it counts the prompt), got {out_seq_length!r}')
   if not _is_int(min_gen_length) or min_gen_length < 0:
     raise ValueError(f'--min-gen-length must be an integer >= 0, got {min_gen_length!r}')
+  if min_gen_length > out_seq_length - 2:
+    raise ValueError(f'--min-gen-length {min_gen_length} cannot be met within --out-seq-length {out_seq_length}, '
+                     f'which counts the prompt: at most {out_seq_length - 2} tokens are generated per blank')
   if not _is_int(seed) or not 0 <= seed <= blanks_lib.MAX_SEED:
     raise ValueError(f'--seed must be an integer in [0, {blanks_lib.MAX_SEED}], got {seed!r}')
   return make_strategy(**strategy_flags)
@@ -103,26 +107,11 @@ def check_options(*, out_seq_length=256, min_gen_length=0, seed=1234, **strategy
 
 
 def tokenizer_path(checkpoint: str | Path, tokenizer: str | Path | None = None, config=None) -> Path:
-  """Where the tokenizer of this checkpoint is: `tokenizer` if given, else <checkpoint>/tokenizer.model, else the
-  training run's `config.run.tokenizer` (a run trained with a given tokenizer keeps no copy). ValueError if none."""
-  if tokenizer is not None:
-    p = Path(tokenizer)
-    if not p.exists() and p.suffix != '.model' and Path(str(p) + '.model').exists():
-      p = Path(str(p) + '.model')
-    if not p.is_file():
-      raise ValueError(f'tokenizer model file not found: {p}')
-    return p
-  own = Path(checkpoint) / 'tokenizer.model'
-  if own.is_file():
-    return own
-  configured = None
-  try:
-    configured = (config if config is not None else read_config(checkpoint)).run.tokenizer
-  except (AttributeError, KeyError, ValueError):
-    pass
-  if configured and Path(configured).is_file():
-    return Path(configured)
-  raise ValueError(f'no tokenizer: {own} does not exist; pass --tokenizer (tokenizer=) with the .model file')
+  """Where the tokenizer of this checkpoint is (glm_jax.tokenizer.tokenizer_path's policy: `tokenizer` if given,
+  else the run's config.run.tokenizer, else <checkpoint>/tokenizer.model). ValueError if none."""
+  config = config if config is not None else read_config(checkpoint)
+  configured = config.run.tokenizer if 'run' in config and 'tokenizer' in config.run else None
+  return find_tokenizer(checkpoint, tokenizer, configured)
 
 
 def load_tokenizer_and_config(checkpoint: str | Path, tokenizer=None):

@@ -98,6 +98,26 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
+def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+  """A run's metrics.jsonl as {metric: [(step, value), ...]} sorted by step (ValueError naming a bad line)."""
+  run_dir = Path(run_dir)
+  path = run_dir / 'metrics.jsonl'
+  if not path.is_file():
+    raise ValueError(f'{path}: no such file (is {run_dir} a run directory of launch/train.py?)')
+  series: dict[str, dict[int, float]] = {}
+  for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{n}: not JSON ({e.msg})') from None
+    for k, v in record.items():
+      if k != 'step' and isinstance(v, (int, float)):
+        series.setdefault(k, {})[int(record['step'])] = float(v)  # a resumed run's repeated steps: the last wins
+  return {k: sorted(v.items()) for k, v in series.items()}
+
+
 def evaluate_heldout(eval_fn, params, batches) -> dict:
   """Held-out loss (nats per loss token) and bits per byte (total nats / UTF-8 bytes / ln 2)."""
   total_nats, total_tokens, total_bytes = 0.0, 0.0, 0
@@ -146,6 +166,7 @@ def run(config, workdir: str | Path, *, tokenizer, train_batches, heldout_fn=Non
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.axis_rules(config)
   model = GLM(config.model)
+  sharding.check_mesh_fits(model, config.model, rules, dict(mesh.shape))
   # XLA:CPU runs donated buffers while Orbax may still read them for an async save; elsewhere Orbax copies first.
   train_step = make_train_step(model, config, mesh, rules, donate=jax.default_backend() != 'cpu')
   state = init_train_state(model, config, config.seed, mesh, rules)

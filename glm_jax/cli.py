@@ -1,0 +1,66 @@
+"""The launch scripts' command line: absl flags (with ml-collections config files), and one way to fail.
+
+    from glm_jax import cli
+    ...                                    # absl flags defined at module level, e.g. config_flags.DEFINE_config_file
+    if __name__ == '__main__':
+      cli.run(main)                        # main(argv) -> exit status
+
+--help (also -h, --helpshort, --helpfull) prints the script's docstring and its flags and exits 0. A bad flag, a bad
+config file or override (a misspelt field gets ml-collections' "Did you mean ..."), and any cli.UsageError,
+ValueError or OSError raised by main print one line on stderr, '<script>: error: <what is wrong>', and exit with
+status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull', '-?')
+
+
+class UsageError(Exception):
+  """A user error: printed as one line, exit status 2."""
+
+
+def error(prog: str, message) -> int:
+  """Prints '<prog>: error: <message>' (on one line) to stderr; returns the exit status 2."""
+  print(f'{prog}: error: {" ".join(str(message).split())}', file=sys.stderr)
+  return 2
+
+
+def _parse_error(e: Exception) -> str:
+  if isinstance(e, (AttributeError, KeyError)):  # ml-collections: an override names a field the config lacks
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    if text[:1] in '\'"' and text[-1:] == text[:1]:  # a KeyError's message, passed on as its repr
+      text = ast.literal_eval(text)
+    field, _, hint = text.partition('\n')
+    return f'bad config override: no field {field}' + (f'. {hint}' if hint else '')
+  return str(e)
+
+
+def run(main, argv=None):
+  """Parses the absl flags of the __main__ module and calls main(remaining argv) (see the module docstring)."""
+  argv = list(sys.argv if argv is None else argv)
+  prog = Path(argv[0]).name
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    module = sys.modules['__main__']
+    print((module.__doc__ or '').strip())
+    print('\nflags:\n' + flags.FLAGS.module_help(module))
+    sys.exit(0)
+  try:
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - absl's flag errors, and whatever a config file or override raises
+    sys.exit(error(prog, _parse_error(e)))
+  logging.set_verbosity(logging.WARNING)
+  try:
+    status = main(rest)
+  except (UsageError, app.UsageError, ValueError, OSError) as e:  # OSError: also a config file that failed to load
+    status = error(prog, e)
+  except KeyboardInterrupt:
+    print(file=sys.stderr)
+    status = 130
+  sys.exit(status or 0)
