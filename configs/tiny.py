@@ -18,11 +18,17 @@ def get_config():
   m.rope_precision = 'fp32'
   m.dtype = 'float32'
   m.param_dtype = 'float32'
+  # A DeepNorm (post-LN) model this small plateaus at the unigram level (held-out 7.58 nats/token at step 200, 7.53
+  # at 400) with the peak learning rate 2e-3 and GLM-130B's init std (3 * hidden)^-1/2 = 0.036. Measured on the
+  # quickstart (200 steps, decay over 200; held-out nats/token): lr 5e-4 7.08, 2e-4 7.42; lr 5e-4 with init_std
+  # 0.02 6.96, lr 1e-3 with 0.02 6.89, with 0.01 6.98; the full 400-step quickstart with lr 1e-3, init_std 0.02:
+  # 6.64 nats/token = 2.98 bits per byte, below bzip2 -9 (3.10) on the same held-out bytes. (EGS off: no change.)
+  m.init_std = 0.02
   # The CPU quickstart: a few minutes of training on the sample corpus.
   t = config.train
   t.batch_size = 8
   t.seq_len = 128
-  t.learning_rate = 2e-3
+  t.learning_rate = 1e-3
   t.warmup_steps = 30
   t.decay_steps = 400
   r = config.run

@@ -468,3 +468,19 @@ def train_tokenizer(
     num_bytes=stats.bytes,
     seconds=time.monotonic() - t0,
   )
+
+
+def train_tokenizer_on_training_split(corpus_paths, vocab_size: int, out_path: str | os.PathLike, *,
+                                      heldout_fraction: float, strip_gutenberg: bool = True,
+                                      **kwargs) -> TrainResult:
+  """`train_tokenizer` on a pre-training corpus's training split only: each file's documents as glm_jax.data.corpus
+  reads them (Gutenberg licence text stripped), less the held-out tail load_corpus keeps for evaluation, so that
+  bits per byte is measured on text the tokenizer never saw. kwargs: as train_tokenizer."""
+  import tempfile
+
+  from glm_jax.data.corpus import find_corpus_files, read_documents, split_heldout
+  with tempfile.TemporaryDirectory(prefix='glm_jax_tokenizer_') as tmp:
+    for i, path in enumerate(find_corpus_files(corpus_paths)):
+      train_docs, _ = split_heldout(read_documents(path, strip_gutenberg=strip_gutenberg), heldout_fraction)
+      (Path(tmp) / f'{i:05d}.txt').write_text('\n'.join(train_docs), encoding='utf-8')
+    return train_tokenizer([tmp], vocab_size, out_path, **kwargs)

@@ -31,14 +31,16 @@ def _tokenizer(config, workdir: Path):
   """The run's tokenizer (glm_jax.tokenizer.tokenizer_path's policy: config.run.tokenizer if set, else the one in
   the workdir), else one trained there."""
   from glm_jax.tokenizer import GLMTokenizer, tokenizer_path
-  from glm_jax.tokenizer_training import train_tokenizer
+  from glm_jax.tokenizer_training import train_tokenizer_on_training_split
   found = tokenizer_path(workdir, configured=config.run.tokenizer, required=False)
   if found is not None:
     return GLMTokenizer.load(found)
   own = workdir / 'tokenizer.model'
-  print(f'training a {config.run.tokenizer_vocab_size}-piece tokenizer on {list(config.data.corpus_paths)} -> {own}')
-  train_tokenizer(list(config.data.corpus_paths), config.run.tokenizer_vocab_size, workdir / 'tokenizer',
-                  layout='compact', seed=config.seed)
+  print(f'training a {config.run.tokenizer_vocab_size}-piece tokenizer on the training split of '
+        f'{list(config.data.corpus_paths)} -> {own}')
+  train_tokenizer_on_training_split(list(config.data.corpus_paths), config.run.tokenizer_vocab_size,
+                                    workdir / 'tokenizer', heldout_fraction=config.data.heldout_fraction,
+                                    strip_gutenberg=config.data.strip_gutenberg, layout='compact', seed=config.seed)
   return GLMTokenizer.load(own)
 
 

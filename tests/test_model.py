@@ -48,7 +48,7 @@ def test_config_errors_name_the_field():
 def small_model():
   config = load_config('tiny', num_layers=2, hidden_size=128, num_attention_heads=4, inner_hidden_size=340,
                        vocab_size=256, max_sequence_length=64, hidden_dropout=0.1, attention_dropout=0.1,
-                       embedding_dropout=0.1)
+                       embedding_dropout=0.1, init_std=0.0)  # 0: GLM-130B's (3 * hidden)^-1/2
   model = GLM(config.model)
   return config, model, init_params(model, config.model, jax.random.key(0))
 

@@ -360,3 +360,17 @@ def test_cli_bad_input(tmp_path, tiny_dir, args, needle):
   assert lines[0].startswith('train_tokenizer.py: error: ') and needle in lines[0], lines[0]
   assert 'Traceback' not in r.stderr
   assert not list(tmp_path.glob('o*'))
+
+
+def test_a_run_tokenizer_never_sees_the_heldout_text(tmp_path):
+  """train_tokenizer_on_training_split: a character that occurs only in a file's held-out tail is no piece."""
+  from glm_jax.tokenizer_training import train_tokenizer_on_training_split
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  lines = [f'line {i} of the training text, with some words in it.' for i in range(2000)]
+  (corpus / 'a.txt').write_text('\n'.join(lines + ['龘龘龘 held out 龘龘龘']) + '\n', encoding='utf-8')
+  both = train_tokenizer([corpus], 300, tmp_path / 'all', character_coverage=1.0).tokenizer
+  split = train_tokenizer_on_training_split([corpus], 300, tmp_path / 'split', heldout_fraction=0.01,
+                                            character_coverage=1.0).tokenizer
+  assert both.sp.piece_to_id('龘') != both.sp.unk_id()  # the whole file: the character is a piece
+  assert split.sp.piece_to_id('龘') == split.sp.unk_id()  # the training split only: it is not
