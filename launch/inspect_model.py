@@ -1,10 +1,11 @@
 """Print a GLM config's parameter table and the bytes each device holds on a mesh, without allocating the model.
 
-    python launch/inspect_model.py --config configs/glm_130b.py --mesh data=1,fsdp=1,tensor=8
+    python launch/inspect_model.py --config configs/glm_130b.py --config.mesh.tensor=8
     python launch/inspect_model.py --config configs/tiny.py --forward     # also runs a forward pass
 
 Shapes come from abstract evaluation (jax.eval_shape), so the 130B model is inspected in a second on a laptop.
-The per-device bytes follow the config's axis rules on the given mesh, which need not exist on this machine.
+The per-device bytes follow the config's axis rules on its mesh (`--config.mesh.<axis>=N`; an axis at -1 counts as 1
+here), which need not exist on this machine. A mesh that cannot split the model is an error naming the config field.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from ml_collections import config_flags  # noqa: E402
 from glm_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/glm_130b.py.', lock_config=False)
-_MESH = flags.DEFINE_string('mesh', None, 'Mesh to size the shards for, as axis=size pairs, e.g. '
-                            '"data=1,fsdp=2,tensor=4" (axes: data, fsdp, tensor, stage; missing ones are 1). '
-                            'Default: the config\'s mesh, with -1 read as 1.')
 _FORWARD = flags.DEFINE_bool('forward', False, 'Also initialise the model on this machine and run one forward '
                              'pass on a batch of 2 x 16 tokens (only sensible for small configs).')
 
@@ -63,7 +61,7 @@ def main(argv):
     raise cli.UsageError('--config is required, e.g. --config configs/glm_130b.py')
   from glm_jax import GLM, axis_rules
   from glm_jax.sharding import check_mesh_fits, parameter_table, parse_mesh
-  sizes = parse_mesh(_MESH.value, config.mesh)
+  sizes = parse_mesh(None, config.mesh)
   check_mesh_fits(GLM(config.model), config.model, axis_rules(config), sizes)
   rows = parameter_table(config, sizes)
   m = config.model

@@ -8,17 +8,22 @@ Each run directory's metrics.jsonl (written by launch/train.py) gives one line p
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from absl import flags  # noqa: E402
+
+from glm_jax import cli  # noqa: E402
 from glm_jax.files import atomic_write  # noqa: E402
 from glm_jax.train.loop import read_metrics  # noqa: E402
 
 DEFAULT_METRICS = ('loss', 'heldout_loss', 'heldout_bpb', 'learning_rate', 'grad_norm', 'tokens_per_s')
+_OUT = flags.DEFINE_string('out', None, 'The PNG file to write.')
+_METRICS = flags.DEFINE_string('metrics', ','.join(DEFAULT_METRICS), 'Comma-separated metric names, one panel each: '
+                               'whatever metrics.jsonl holds, e.g. mfu, loss_scale too.')
 
 
 def plot(runs: list[Path], metrics: list[str], out: Path):
@@ -52,22 +57,16 @@ def plot(runs: list[Path], metrics: list[str], out: Path):
   atomic_write(out, png.getvalue())  # written whole, then renamed: never a half file
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='Metrics available: whatever '
-                                   'metrics.jsonl holds, e.g. ' + ', '.join(DEFAULT_METRICS) + ', mfu, loss_scale.')
-  parser.add_argument('runs', nargs='+', type=Path, help='run directories (each with a metrics.jsonl)')
-  parser.add_argument('--out', type=Path, required=True, help='the PNG file to write')
-  parser.add_argument('--metrics', default=','.join(DEFAULT_METRICS), help='comma-separated metric names, one '
-                      'panel each (default: %(default)s)')
-  args = parser.parse_args(argv)
-  try:
-    plot(args.runs, [m for m in args.metrics.split(',') if m], args.out)
-  except ValueError as e:
-    print(f'plot.py: error: {e}', file=sys.stderr)
-    return 2
-  print(f'wrote {args.out}')
+def main(argv) -> int:
+  runs = [Path(a) for a in argv[1:]]
+  if not runs:
+    raise cli.UsageError('give one or more run directories, e.g. plot.py runs/tiny --out curves.png')
+  if not _OUT.value:
+    raise cli.UsageError('--out is required (the PNG file to write)')
+  plot(runs, [m for m in _METRICS.value.split(',') if m], Path(_OUT.value))
+  print(f'wrote {_OUT.value}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

@@ -36,6 +36,6 @@ def test_a_misspelt_config_override_is_one_line():
 
 
 def test_a_mesh_that_cannot_split_the_model_is_named():
-  line = _one_error_line(_launch('inspect_model.py', '--config', 'configs/glm_130b.py', '--mesh', 'tensor=7'),
+  line = _one_error_line(_launch('inspect_model.py', '--config', 'configs/glm_130b.py', '--config.mesh.tensor=7'),
                          'inspect_model.py')
   assert 'config.model.num_attention_heads=96' in line and 'tensor=7' in line and 'sizes that do: 1, 2, 3, 4' in line
