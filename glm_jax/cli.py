@@ -14,6 +14,7 @@ status 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import ast
+import os
 import sys
 from pathlib import Path
 
@@ -48,8 +49,10 @@ def run(main, argv=None):
   prog = Path(argv[0]).name
   if any(a in HELP_FLAGS for a in argv[1:]):
     module = sys.modules['__main__']
-    print((module.__doc__ or '').strip())
-    print('\nflags:\n' + flags.FLAGS.module_help(module))
+    try:
+      print((module.__doc__ or '').strip() + '\n\nflags:\n' + flags.FLAGS.module_help(module), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader left; nothing more to say
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
   try:
     rest = flags.FLAGS(argv)
