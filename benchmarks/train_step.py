@@ -47,7 +47,7 @@ def peak_flops(n: int, seconds: float = 2.0) -> tuple[float, str]:
 
 
 def run_config(config_name: str, batch: int, seq: int, overrides):
-  """configs/<config_name>.py at this batch and length, with the --set overrides applied and the model fields
+  """configs/<config_name>.py at this batch and length, with the --config.* overrides applied and the model fields
   checked (a bad field name or value raises ValueError before anything is trained)."""
   from glm_jax.model import GLMConfig
   config = importlib.import_module(f'configs.{config_name}').get_config()
@@ -102,15 +102,13 @@ def main(argv=None):
   p.add_argument('--runs', default='tiny:8x128,small:4x256', help='CONFIG:BATCHxSEQ list (default: %(default)s)')
   p.add_argument('--steps', type=int, default=5, help='timed steps per run, the median is reported')
   p.add_argument('--peak-n', type=int, default=2048, help='side of the square matmul measuring the peak')
-  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                 help='override a config field for every run, e.g. --set model.remat_policy=dots (repeatable)')
-  args = p.parse_args(argv)
-  overrides = []
-  for item in args.set:
+  args, rest = p.parse_known_args(argv)
+  overrides = []  # --config.<group>.<field>=value, as launch/train.py takes them, for every run
+  for item in rest:
     key, eq, value = item.partition('=')
-    if not eq or not key:
-      p.error(f'--set entries look like model.remat_policy=dots, got {item!r}')
-    overrides.append((key, value))
+    if not key.startswith('--config.') or not eq:
+      p.error(f'unrecognized argument {item!r} (config overrides look like --config.model.remat_policy=dots)')
+    overrides.append((key[len('--config.'):], value))
   runs = []
   for item in args.runs.split(','):
     name, _, size = item.partition(':')
@@ -122,7 +120,7 @@ def main(argv=None):
     except ModuleNotFoundError:
       p.error(f'--runs: no config configs/{name}.py')
     except ValueError as exc:
-      p.error(f'--set: {exc}')
+      p.error(f'--config.{exc}')
 
   from glm_jax.data.corpus import load_corpus
   from glm_jax.tokenizer import GLMTokenizer

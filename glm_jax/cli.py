@@ -3,7 +3,7 @@
     from glm_jax import cli
     ...                                    # absl flags defined at module level, e.g. config_flags.DEFINE_config_file
     if __name__ == '__main__':
-      cli.run(main)                        # main(argv) -> exit status
+      cli.run(main)                        # main(argv) -> exit status; cli.invoke(main, argv) returns it instead
 
 --help (also -h, --helpshort, --helpfull) prints the script's docstring and its flags and exits 0. A bad flag, a bad
 config file or override (a misspelt field gets ml-collections' "Did you mean ..."), and any cli.UsageError,
@@ -43,9 +43,11 @@ def _parse_error(e: Exception) -> str:
   return str(e)
 
 
-def run(main, argv=None):
-  """Parses the absl flags of the __main__ module and calls main(remaining argv) (see the module docstring)."""
-  argv = list(sys.argv if argv is None else argv)
+def invoke(main, argv) -> int:
+  """Parses argv (argv[0] the script) into the absl flags of the __main__ module, calls main(remaining argv) and
+  returns the exit status (see the module docstring); flags start from their defaults on every call, so tests can
+  invoke a script in process."""
+  argv = [str(a) for a in argv]
   prog = Path(argv[0]).name
   if any(a in HELP_FLAGS for a in argv[1:]):
     module = sys.modules['__main__']
@@ -53,17 +55,22 @@ def run(main, argv=None):
       print((module.__doc__ or '').strip() + '\n\nflags:\n' + flags.FLAGS.module_help(module), flush=True)
     except BrokenPipeError:  # `--help | head`: the reader left; nothing more to say
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(0)
+    return 0
+  flags.FLAGS.unparse_flags()
   try:
     rest = flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - absl's flag errors, and whatever a config file or override raises
-    sys.exit(error(prog, _parse_error(e)))
+    return error(prog, _parse_error(e))
   logging.set_verbosity(logging.WARNING)
   try:
-    status = main(rest)
+    return main(rest) or 0
   except (UsageError, app.UsageError, ValueError, OSError) as e:  # OSError: also a config file that failed to load
-    status = error(prog, e)
+    return error(prog, e)
   except KeyboardInterrupt:
     print(file=sys.stderr)
-    status = 130
-  sys.exit(status or 0)
+    return 130
+
+
+def run(main):
+  """invoke(main, sys.argv), then exit with its status."""
+  sys.exit(invoke(main, sys.argv))

@@ -42,18 +42,9 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def parse_mesh(text: str | None, mesh_config) -> dict[str, int]:
-  """Axis sizes from a --mesh flag, "data=1,tensor=8" (missing axes are 1); without one, `mesh_config` with -1 read
-  as 1. ValueError naming the bad entry."""
-  if text is None:
-    return {a: max(1, int(mesh_config[a])) for a in MESH_AXES}
-  sizes = dict.fromkeys(MESH_AXES, 1)
-  for item in filter(None, text.split(',')):
-    name, _, value = item.partition('=')
-    if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
-      raise ValueError(f'--mesh: bad entry {item!r}; expected axis=size with axis in {list(MESH_AXES)}, size >= 1')
-    sizes[name.strip()] = int(value)
-  return sizes
+def nominal_mesh_shape(mesh_config) -> dict[str, int]:
+  """Axis sizes of `config.mesh` for a mesh that need not exist here (sizing shards): -1 read as 1."""
+  return {a: max(1, int(mesh_config[a])) for a in MESH_AXES}
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:

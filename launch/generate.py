@@ -25,83 +25,77 @@ writes <output-path>/<FILE's name without its suffix>.jsonl, one JSON object per
 through a temporary file and a rename when every prompt is done, so it is never left half written. Every prompt uses
 --seed, so an answer does not depend on the other lines.
 
-Errors (bad flags or values, a missing checkpoint, tokenizer or input file, a bad prompt in the file) print one line
-"generate.py: error: ..." and exit with status 2. Flags are checked before the checkpoint is loaded.
+Mesh: --config.mesh.<axis>=N (axes data, fsdp, tensor, stage; one may be -1 for the devices the others leave)
+decodes on a device mesh, the weights split by the checkpoint config's axis rules (heads, GeGLU width and vocabulary
+over tensor), the prompts over data; e.g. --config.mesh.tensor=8. Without it: the default device.
+
+Errors (bad flags or values, a missing checkpoint, tokenizer or input file, a bad prompt in the file, a mesh that
+cannot split the model) print one line "generate.py: error: ..." and exit with status 2. Flags are checked before
+the checkpoint is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from absl import flags  # noqa: E402
+
+from glm_jax import cli  # noqa: E402
 from glm_jax.files import atomic_write  # noqa: E402
+from glm_jax.sharding import MESH_AXES  # noqa: E402
 
 PROG = 'generate.py'
 PROMPT = "Please input a prompt ('stop' to exit) >>> "
+UsageError = cli.UsageError
+
+# GLM-130B's generate.py flag names and defaults.
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'glm-jax (Orbax) checkpoint: a training run directory or a '
+                                  'model checkpoint (e.g. converted from SAT).')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'SentencePiece .model file (default: the checkpoint\'s own).')
+_INPUT_SOURCE = flags.DEFINE_string('input-source', 'interactive', "'interactive' (prompts from stdin, answers "
+                                    'streamed) or a text file with one prompt per line.')
+_OUTPUT_PATH = flags.DEFINE_string('output-path', 'samples', 'File mode: directory receiving <input file name>.jsonl.')
+_OUT_SEQ_LENGTH = flags.DEFINE_integer('out-seq-length', 256, 'Maximum length of the whole sequence, the prompt '
+                                       'included, for each blank.')
+_MIN_GEN_LENGTH = flags.DEFINE_integer('min-gen-length', 0, 'Minimum number of tokens generated per blank (end '
+                                       'tokens are banned until then).')
+_STRATEGY = flags.DEFINE_enum('sampling-strategy', 'BaseStrategy', ['BaseStrategy', 'BeamSearchStrategy'],
+                              'BaseStrategy: sampling with --temperature/--top_k/--top_p (--top_k 1 is greedy). '
+                              'BeamSearchStrategy: beam search with --num-beams/--length-penalty/'
+                              '--no-repeat-ngram-size.')
+_NUM_BEAMS = flags.DEFINE_integer('num-beams', 4, 'Beam search: number of beams.')
+_LENGTH_PENALTY = flags.DEFINE_float('length-penalty', 1.0, 'Beam search: exponent of the length penalty '
+                                     "((5 + length) / 6) ** length_penalty that divides a finished beam's "
+                                     'log-probability; larger values favour longer answers.')
+_NO_REPEAT = flags.DEFINE_integer('no-repeat-ngram-size', 3, 'Beam search: never repeat an n-gram of this size, 0 '
+                                  'disables.')
+_PRINT_ALL_BEAMS = flags.DEFINE_bool('print-all-beams', False, "Beam search: print every beam's answer, not only "
+                                     'the best.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sampling: keep the k most likely tokens, 0 disables.')
+_TOP_P = flags.DEFINE_float('top_p', 0.7, 'Sampling: nucleus sampling, keep the most likely tokens up to this '
+                            'probability mass, 0 disables.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Sampling: divides the logits, > 0.')
+_SEED = flags.DEFINE_integer('seed', 1234, 'Random seed; the same seed gives the same answers.')
+_WITH_ID = flags.DEFINE_bool('with-id', False, 'File mode: each input line is "id<TAB>prompt".')
+# The mesh as the config files name it (config.mesh); one axis may be -1 (the devices the others leave).
+_MESH = {axis: flags.DEFINE_integer(f'config.mesh.{axis}', 1, f'Size of the mesh axis {axis!r} to decode on.')
+         for axis in MESH_AXES}
 
 
-class UsageError(Exception):
-  """A user error: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, no usage block
-    self.exit(2, f'{self.prog}: error: {message}\n')
-
-
-def build_parser() -> argparse.ArgumentParser:
-  p = _Parser(prog=PROG, allow_abbrev=False,
-              description='Fill the blanks of prompts with a GLM (GLM-130B generate.py flags). A prompt without '
-              '[MASK]/[sMASK]/[gMASK] gets [gMASK] appended and is continued.')
-  p.add_argument('--checkpoint', required=True,
-                 help='glm-jax (Orbax) checkpoint: a training run directory or a model checkpoint (e.g. converted '
-                 'from SAT).')
-  p.add_argument('--tokenizer', default=None,
-                 help='SentencePiece .model file (default: <checkpoint>/tokenizer.model).')
-  p.add_argument('--input-source', default='interactive',
-                 help="'interactive' (prompts from stdin, answers streamed) or a text file with one prompt per "
-                 'line (default: %(default)s).')
-  p.add_argument('--output-path', default='samples',
-                 help='File mode: directory receiving <input file name>.jsonl (default: %(default)s).')
-  p.add_argument('--out-seq-length', type=int, default=256,
-                 help='Maximum length of the whole sequence, the prompt included, for each blank '
-                 '(default: %(default)s).')
-  p.add_argument('--min-gen-length', type=int, default=0,
-                 help='Minimum number of tokens generated per blank (end tokens are banned until then) '
-                 '(default: %(default)s).')
-  p.add_argument('--sampling-strategy', default='BaseStrategy', choices=['BaseStrategy', 'BeamSearchStrategy'],
-                 help='BaseStrategy: sampling with --temperature/--top_k/--top_p (--top_k 1 is greedy). '
-                 'BeamSearchStrategy: beam search with --num-beams/--length-penalty/--no-repeat-ngram-size '
-                 '(default: %(default)s).')
-  p.add_argument('--num-beams', type=int, default=4, help='Beam search: number of beams (default: %(default)s).')
-  p.add_argument('--length-penalty', type=float, default=1.0,
-                 help='Beam search: exponent of the length penalty ((5 + length) / 6) ** length_penalty that '
-                 "divides a finished beam's log-probability; larger values favour longer answers "
-                 '(default: %(default)s).')
-  p.add_argument('--no-repeat-ngram-size', type=int, default=3,
-                 help='Beam search: never repeat an n-gram of this size, 0 disables (default: %(default)s).')
-  p.add_argument('--print-all-beams', action='store_true',
-                 help="Beam search: print every beam's answer, not only the best.")
-  p.add_argument('--top_k', type=int, default=0,
-                 help='Sampling: keep the k most likely tokens, 0 disables (default: %(default)s).')
-  p.add_argument('--top_p', type=float, default=0.7,
-                 help='Sampling: nucleus sampling, keep the most likely tokens up to this probability mass, '
-                 '0 disables (default: %(default)s).')
-  p.add_argument('--temperature', type=float, default=1.0,
-                 help='Sampling: divides the logits, > 0 (default: %(default)s).')
-  p.add_argument('--seed', type=int, default=1234,
-                 help='Random seed; the same seed gives the same answers (default: %(default)s).')
-  p.add_argument('--with-id', action='store_true', help='File mode: each input line is "id<TAB>prompt".')
-  p.add_argument('--mesh', default=None,
-                 help='Decode on a device mesh, as axis=size pairs over data, fsdp, tensor, stage (missing ones are '
-                      '1), e.g. "tensor=8": the weights are split by the checkpoint config\'s axis rules (heads, GeGLU '
-                      'width and vocabulary over tensor). The sizes must multiply to the number of devices. '
-                      'Default: the default device.')
-  return p
+def read_args():
+  """The flags as one namespace (what check_args, run_file and run_interactive read)."""
+  import types
+  return types.SimpleNamespace(
+      checkpoint=_CHECKPOINT.value, tokenizer=_TOKENIZER.value, input_source=_INPUT_SOURCE.value,
+      output_path=_OUTPUT_PATH.value, out_seq_length=_OUT_SEQ_LENGTH.value, min_gen_length=_MIN_GEN_LENGTH.value,
+      sampling_strategy=_STRATEGY.value, num_beams=_NUM_BEAMS.value, length_penalty=_LENGTH_PENALTY.value,
+      no_repeat_ngram_size=_NO_REPEAT.value, print_all_beams=_PRINT_ALL_BEAMS.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, temperature=_TEMPERATURE.value, seed=_SEED.value, with_id=_WITH_ID.value,
+      mesh={axis: flag.value for axis, flag in _MESH.items()})
 
 
 def check_args(args) -> dict:
@@ -145,10 +139,6 @@ def read_prompts(path: Path, with_id: bool) -> list[dict]:
   if not records:
     raise UsageError(f'{path}: no prompts (every line is blank)')
   return records
-
-
-def _one_line(e: BaseException) -> str:
-  return ' '.join(str(e).split()) or type(e).__name__
 
 
 def run_file(gen, records, options, args) -> int:
@@ -198,7 +188,8 @@ def run_interactive(gen, options, args) -> int:
       prompt = blanks.prepare_prompt(gen.tokenizer, text, out_seq_length=options['out_seq_length'],
                                      max_sequence_length=gen.max_sequence_length)
     except ValueError as e:
-      print(f'{PROG}: error: {_one_line(e)}', file=sys.stderr, flush=True)
+      cli.error(PROG, e)
+      sys.stderr.flush()
       failures += 1
       continue
     print(f'\nInput: {prompt.input_text}', flush=True)
@@ -212,46 +203,40 @@ def run_interactive(gen, options, args) -> int:
   return 2 if failures else 0
 
 
-def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    options = check_args(args)
-    records = None
-    if args.input_source != 'interactive':
-      records = read_prompts(Path(args.input_source), args.with_id)
-      out_dir = Path(args.output_path)
-      if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f'--output-path {out_dir} exists and is not a directory')
-    from glm_jax.generation import api, blanks
-    tokenizer, config = api.load_tokenizer_and_config(args.checkpoint, args.tokenizer)
-    if records is not None:  # every prompt is checked before anything is loaded or generated
-      for record in records:
-        try:
-          blanks.prepare_prompt(tokenizer, record['input'], out_seq_length=args.out_seq_length,
-                                max_sequence_length=int(config.model.max_sequence_length))
-        except ValueError as e:
-          raise UsageError(f'{args.input_source} line {record["line"]}: {e}') from None
-      Path(args.output_path).mkdir(parents=True, exist_ok=True)  # fail now, not after generating everything
-    mesh = None
-    if args.mesh is not None:
-      from glm_jax import sharding
-      from glm_jax.model import GLM
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise UsageError(f'unexpected arguments: {argv[1:]}')
+  args = read_args()
+  if not args.checkpoint:
+    raise UsageError('--checkpoint is required')
+  options = check_args(args)
+  records = None
+  if args.input_source != 'interactive':
+    records = read_prompts(Path(args.input_source), args.with_id)
+    out_dir = Path(args.output_path)
+    if out_dir.exists() and not out_dir.is_dir():
+      raise UsageError(f'--output-path {out_dir} exists and is not a directory')
+  from glm_jax.generation import api, blanks
+  tokenizer, config = api.load_tokenizer_and_config(args.checkpoint, args.tokenizer)
+  if records is not None:  # every prompt is checked before anything is loaded or generated
+    for record in records:
       try:
-        mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh, config.mesh))
-        sharding.check_mesh_fits(GLM(config.model), config.model, sharding.axis_rules(config), dict(mesh.shape))
+        blanks.prepare_prompt(tokenizer, record['input'], out_seq_length=args.out_seq_length,
+                              max_sequence_length=int(config.model.max_sequence_length))
       except ValueError as e:
-        raise UsageError(e if str(e).startswith('--mesh') else f'--mesh {args.mesh}: {e}') from None
-    gen = api.Generator.load(args.checkpoint, tokenizer, mesh=mesh)
-    if records is not None:
-      return run_file(gen, records, options, args)
-    return run_interactive(gen, options, args)
-  except (UsageError, ValueError, OSError) as e:
-    print(f'{PROG}: error: {_one_line(e)}', file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print(file=sys.stderr)
-    return 130
+        raise UsageError(f'{args.input_source} line {record["line"]}: {e}') from None
+    Path(args.output_path).mkdir(parents=True, exist_ok=True)  # fail now, not after generating everything
+  mesh = None
+  if any(n != 1 for n in args.mesh.values()):
+    from glm_jax import sharding
+    from glm_jax.model import GLM
+    mesh = sharding.make_mesh(args.mesh)
+    sharding.check_mesh_fits(GLM(config.model), config.model, sharding.axis_rules(config), dict(mesh.shape))
+  gen = api.Generator.load(args.checkpoint, tokenizer, mesh=mesh)
+  if records is not None:
+    return run_file(gen, records, options, args)
+  return run_interactive(gen, options, args)
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

@@ -60,8 +60,8 @@ def main(argv):
   if config is None:
     raise cli.UsageError('--config is required, e.g. --config configs/glm_130b.py')
   from glm_jax import GLM, axis_rules
-  from glm_jax.sharding import check_mesh_fits, parameter_table, parse_mesh
-  sizes = parse_mesh(None, config.mesh)
+  from glm_jax.sharding import check_mesh_fits, nominal_mesh_shape, parameter_table
+  sizes = nominal_mesh_shape(config.mesh)
   check_mesh_fits(GLM(config.model), config.model, axis_rules(config), sizes)
   rows = parameter_table(config, sizes)
   m = config.model

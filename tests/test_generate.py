@@ -7,6 +7,7 @@ cache.
 """
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -83,7 +84,9 @@ def _cli(*args, stdin=None):
                         input=stdin, capture_output=True, text=True, timeout=300)
 
 
+@functools.cache
 def _cli_module():
+  """launch/generate.py as a module, loaded once (its absl flags are defined at import)."""
   spec = importlib.util.spec_from_file_location('launch_generate', REPO / 'launch' / 'generate.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -338,12 +341,18 @@ def test_option_validation():
 
 
 def test_cli_errors_in_process(capsys, checkpoint, tok, tmp_path):
+  from absl import flags
+
+  from glm_jax import cli as cli_lib
   cli = _cli_module()
-  args = cli.build_parser().parse_args(['--checkpoint', 'x'])
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(['generate.py', '--checkpoint', 'x'])
+  args = cli.read_args()
   assert (args.input_source, args.output_path, args.out_seq_length, args.min_gen_length, args.sampling_strategy,
           args.num_beams, args.length_penalty, args.no_repeat_ngram_size, args.print_all_beams, args.top_k,
-          args.top_p, args.temperature, args.seed, args.with_id) == (
-              'interactive', 'samples', 256, 0, 'BaseStrategy', 4, 1.0, 3, False, 0, 0.7, 1.0, 1234, False)
+          args.top_p, args.temperature, args.seed, args.with_id, args.mesh) == (
+              'interactive', 'samples', 256, 0, 'BaseStrategy', 4, 1.0, 3, False, 0, 0.7, 1.0, 1234, False,
+              dict(data=1, fsdp=1, tensor=1, stage=1))
   long_file = tmp_path / 'long.txt'
   long_file.write_text('ok prompt\n' + LONG + '\n')
   n = len(tok.encode(LONG)) + 1
@@ -356,20 +365,19 @@ def test_cli_errors_in_process(capsys, checkpoint, tok, tmp_path):
            (['--checkpoint', checkpoint, '--input-source', long_file, '--out-seq-length', '32', '--output-path',
              tmp_path / 'out'],
             f'{long_file} line 2: prompt is {n} tokens, longer than the maximum {OUT - 2}'),
-           (['--checkpoint', checkpoint, '--bogus'], 'unrecognized arguments: --bogus'),
-           (['--checkpoint', checkpoint, '--top_k', 'x'], "invalid int value: 'x'"),
-           (['--checkpoint', checkpoint, '--sampling-strategy', 'Greedy'], 'invalid choice'),
-           (['--checkpoint', checkpoint, '--mesh', 'tensor=two'], "--mesh: bad entry 'tensor=two'"),
-           (['--checkpoint', checkpoint, '--mesh', 'tensor=16'], 'needs 16 devices, but 8 are available'),
-           (['--checkpoint', checkpoint, '--mesh', 'tensor=4,data=2'],
+           (['--checkpoint', checkpoint, '--bogus'], "Unknown command line flag 'bogus'"),
+           (['--checkpoint', checkpoint, '--top_k', 'x'], "--top_k=x: invalid literal for int()"),
+           (['--checkpoint', checkpoint, '--sampling-strategy', 'Greedy'], 'should be one of'),
+           (['--checkpoint', checkpoint, '--config.mesh.tensor=two'], "--config.mesh.tensor=two: invalid literal"),
+           (['--checkpoint', checkpoint, '--config.mesh.tensr=2'], 'Did you mean: config.mesh.tensor'),
+           (['--checkpoint', checkpoint, '--config.mesh.tensor=16'], 'needs 16 devices, but 8 are available'),
+           (['--checkpoint', checkpoint, '--config.mesh.tensor=4', '--config.mesh.data=2'],
             'cannot split config.model.inner_hidden_size=170 over tensor=4'),
            (['--checkpoint', checkpoint, '--min-gen-length', '500', '--out-seq-length', '64'],
             '--min-gen-length 500 cannot be met within --out-seq-length 64')]
+  capsys.readouterr()
   for argv, message in cases:
-    try:
-      status = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-      status = e.code
+    status = cli_lib.invoke(cli.main, ['generate.py', *argv])
     err = capsys.readouterr().err
     assert status == 2, (argv, err)
     assert err.count('\n') == 1 and err.startswith('generate.py: error: ') and message in err, (argv, err)
