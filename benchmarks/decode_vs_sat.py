@@ -322,42 +322,20 @@ def main(argv=None):
   sys.path.insert(0, REPO)
   if args.glm_jax_path:
     sys.path.insert(0, os.path.abspath(args.glm_jax_path))
-  import importlib
+  import common
   import glm_jax
-  from glm_jax import from_sat_state_dict
   from glm_jax.generation import decode as D
-  from glm_jax.model import GLMConfig
   from tests import sat_reference as R
 
-  config = importlib.import_module(f'configs.{args.config}').get_config()
-  cfg = GLMConfig.make(config.model)
-  if cfg.dtype != 'float32' or cfg.param_dtype != 'float32':
-    sys.exit(f'this benchmark is fp32; configs/{args.config}.py has dtype={cfg.dtype} param_dtype={cfg.param_dtype}')
+  config, cfg = common.fp32_config(args.config)
   n_new = args.new_tokens
-
-  print(f'== decode_vs_sat: greedy decoding, glm-jax Decoder.generate vs SAT GLM130B with mems, fp32, '
-        f'{args.threads} thread(s) each ==')
-  la = os.getloadavg()
-  print(f'load average at start: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} ({os.cpu_count()} cores on the machine)')
-  print(f'jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, numpy {np.__version__}; '
-        f'torch threads {torch.get_num_threads()}/{torch.get_num_interop_threads()}')
+  common.print_header(f'decode_vs_sat: greedy decoding, glm-jax Decoder.generate vs SAT GLM130B with mems, fp32, '
+                      f'{args.threads} thread(s) each', notes)
   print(f'glm_jax from {code_state(os.path.dirname(os.path.abspath(glm_jax.__file__)))}')
-  print('threads:')
-  for n in notes:
-    print('  - ' + n)
 
   # ------------------------------------------------------------------------------------------- models, same weights
   t0 = time.perf_counter()
-  sat_model = R.build_sat_glm130b(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                                  num_attention_heads=cfg.num_attention_heads,
-                                  inner_hidden_size=cfg.inner_hidden_size, vocab_size=cfg.vocab_size,
-                                  max_sequence_length=cfg.max_sequence_length,
-                                  position_encoding_2d=cfg.position_encoding_2d,
-                                  layernorm_epsilon=cfg.layernorm_epsilon, seed=args.seed, init_std=0.02)
-  sd = {k: -v if k == 'transformer.final_layernorm.weight' else v for k, v in R.state_dict_numpy(sat_model).items()}
-  R.load_state_dict_numpy(sat_model, sd)
-  params = from_sat_state_dict(sd, config.model)
-  del sd
+  sat_model, params = common.sat_and_params(config, cfg, args.seed, negate_final_layernorm=True)
   update_mems = R._import_sat()['update_mems']
   decoder = D.Decoder(config.model)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -21,7 +21,6 @@ per-step times, and glm-jax/SAT tokens/s for each. Exit status 1 if a row agrees
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -63,24 +62,16 @@ def main(argv=None):
   jax.config.update('jax_default_matmul_precision', None if args.precision == 'default' else 'highest')
   real_current_device = torch.cuda.current_device
 
+  import common
   import decode_vs_sat as B  # the prompts and SAT's batch layout
-  from glm_jax import from_sat_state_dict
   from glm_jax.generation import decode as D
-  from glm_jax.model import GLMConfig
   from tests import sat_reference as R
 
-  config = importlib.import_module('configs.small').get_config()
-  cfg = GLMConfig.make(config.model)
-  sat = R.build_sat_glm130b(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                            num_attention_heads=cfg.num_attention_heads, inner_hidden_size=cfg.inner_hidden_size,
-                            vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_sequence_length,
-                            position_encoding_2d=cfg.position_encoding_2d, layernorm_epsilon=cfg.layernorm_epsilon,
-                            seed=0, init_std=0.02)
+  config, cfg = common.fp32_config('small')
+  sat, params = common.sat_and_params(config, cfg, 0, negate_final_layernorm=True)
   torch.cuda.current_device = real_current_device  # the CPU harness points it at the CPU
-  sd = {k: -v if k == 'transformer.final_layernorm.weight' else v for k, v in R.state_dict_numpy(sat).items()}
-  R.load_state_dict_numpy(sat, sd)
   decoder = D.Decoder(config.model)
-  params = decoder.prepare(from_sat_state_dict(sd, config.model))
+  params = decoder.prepare(params)
   sat = sat.cuda().eval()
   update_mems = R._import_sat()['update_mems']
   print(f'== decode_vs_sat_gpu: small config, fp32 (JAX matmul precision {args.precision}), greedy, '

@@ -131,35 +131,18 @@ def main(argv=None):
   import jax.numpy as jnp
 
   sys.path.insert(0, REPO)
-  import importlib
-  from glm_jax import GLM, GLMConfig, from_sat_state_dict
+  import common
+  from glm_jax import GLM, GLMConfig
   from glm_jax.weights import unstack_layers
   from tests import sat_reference as R
 
-  config = importlib.import_module(f'configs.{args.config}').get_config()
-  cfg = GLMConfig.make(config.model)
-  if cfg.dtype != 'float32' or cfg.param_dtype != 'float32':
-    sys.exit(f'this benchmark is fp32; configs/{args.config}.py has dtype={cfg.dtype} param_dtype={cfg.param_dtype}')
-
-  print('== forward_vs_sat: glm-jax (jit) vs SAT GLM130B, fp32, one core each ==')
-  print(f'load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} '
-        f'({os.cpu_count()} cores on the machine)')
-  print(f'jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, numpy {np.__version__}; '
-        f'torch threads {torch.get_num_threads()}/{torch.get_num_interop_threads()}')
-  print('how one thread/core is held:')
-  for n in notes:
-    print('  - ' + n)
+  config, cfg = common.fp32_config(args.config)
+  common.print_header('forward_vs_sat: glm-jax (jit) vs SAT GLM130B, fp32, one core each', notes)
 
   # ---------------------------------------------------------------- models with the same weights
   t0 = time.perf_counter()
-  sat_model = R.build_sat_glm130b(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                                  num_attention_heads=cfg.num_attention_heads,
-                                  inner_hidden_size=cfg.inner_hidden_size, vocab_size=cfg.vocab_size,
-                                  max_sequence_length=cfg.max_sequence_length,
-                                  position_encoding_2d=cfg.position_encoding_2d,
-                                  layernorm_epsilon=cfg.layernorm_epsilon, seed=args.seed, init_std=0.02)
+  sat_model, params = common.sat_and_params(config, cfg, args.seed)
   # Inference runs per-layer weights by default (no copy of each layer's weights out of a stacked array per call).
-  params = from_sat_state_dict(R.state_dict_numpy(sat_model), config.model)
   if not args.scan_layers:
     params = unstack_layers(params)
   params = jax.tree.map(jnp.asarray, params)
