@@ -5,14 +5,17 @@ searched recursively), feeds their lines to SentencePiece through an iterator
 and writes ``<out>.model`` plus the ``<out>.json`` sidecar (see
 ``glm_jax/tokenizer.py`` for the id layouts and the file format).
 
-Input handling:
+Input handling: files are found and read by the pre-training corpus's reader
+(``glm_jax.data.corpus``), so that a tokenizer and a training run see the same
+text:
 
-* UTF-8 with or without a BOM (the BOM is dropped); undecodable bytes become
-  U+FFFD and are counted.  CRLF and lone CR become LF.
-* ``.jsonl``: one JSON object per line; the text is the ``"text"`` field, or
-  else the ``"inputs_pretokenized"`` and ``"targets_pretokenized"`` fields
-  (each used as its own document).  Lines that are not such objects are
-  skipped and counted.  Any other file given explicitly is read as text.
+* UTF-8 with or without a BOM (the BOM is dropped); CRLF and lone CR become
+  LF; a file that is not UTF-8 is an error naming it.  Project Gutenberg's
+  licence text (outside its START / END marker lines) is dropped.
+* ``.jsonl``: one JSON object per line; its ``"text"``,
+  ``"inputs_pretokenized"`` and ``"targets_pretokenized"`` string fields are
+  each a document.  A line that is no such object is an error naming the file
+  and line.  Any other file given explicitly is read as text.
 * SentencePiece trains on lines (newlines never reach it), and silently
   drops any sentence longer than ``max_sentence_length`` bytes.  Lines longer
   than that are therefore cut into chunks below the limit, at whitespace
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import re
 import time
@@ -100,40 +102,19 @@ class _Stats:
   sentences: int = 0
   bytes: int = 0
   long_lines: int = 0
-  bad_json_lines: int = 0
-  replaced_chars: int = 0
 
 
 def find_text_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-  """Expand files and directories (recursively: ``*.txt``, ``*.jsonl``), keeping order.
-
-  Raises TokenizerTrainingError for a missing path, or a directory (or the
-  whole input) without text files.
-  """
+  """The text files of the inputs, as the pre-training corpus finds them (glm_jax.data.corpus.find_corpus_files:
+  folders searched recursively for *.txt and *.jsonl, sorted; explicit files whatever their suffix);
+  TokenizerTrainingError for a missing path or a folder without text files."""
+  from glm_jax.data.corpus import find_corpus_files
   if not inputs:
     raise TokenizerTrainingError('no input given', 'inputs')
-  files: list[Path] = []
-  seen: set[Path] = set()
-  for raw in inputs:
-    p = Path(raw).expanduser()
-    if not p.exists():
-      raise TokenizerTrainingError(f'input path does not exist: {raw}', 'inputs')
-    if p.is_dir():
-      found = sorted(
-        f for f in p.rglob('*') if f.suffix.lower() in TEXT_SUFFIXES and f.is_file()
-      )
-      if not found:
-        raise TokenizerTrainingError(f'no .txt or .jsonl files found under {raw}', 'inputs')
-    elif p.is_file():
-      found = [p]
-    else:
-      raise TokenizerTrainingError(f'input is neither a file nor a directory: {raw}', 'inputs')
-    for f in found:
-      key = f.resolve()
-      if key not in seen:
-        seen.add(key)
-        files.append(f)
-  return files
+  try:
+    return find_corpus_files(inputs)
+  except ValueError as e:
+    raise TokenizerTrainingError(str(e), 'inputs') from None
 
 
 def split_long_line(line: str, max_bytes: int) -> list[str]:
@@ -171,44 +152,15 @@ def split_long_line(line: str, max_bytes: int) -> list[str]:
   return chunks
 
 
-def _iter_documents(path: Path, stats: _Stats) -> Iterator[str]:
-  """Documents of one file; newlines already normalised to LF.  OSError -> TokenizerTrainingError."""
+def _iter_documents(path: Path) -> list[str]:
+  """One file's documents, read as the pre-training corpus reads them (glm_jax.data.corpus.read_documents: UTF-8,
+  CRLF -> LF, Gutenberg licence text stripped) with instruction records' fields as text too; a file that is not
+  UTF-8 or a bad jsonl line is a TokenizerTrainingError naming the file and line."""
+  from glm_jax.data.corpus import read_documents
   try:
-    yield from _read_documents(path, stats)
-  except OSError as e:
-    raise TokenizerTrainingError(f'cannot read {path}: {e.strerror or e}', 'inputs') from None
-
-
-def _read_documents(path: Path, stats: _Stats) -> Iterator[str]:
-  # utf-8-sig drops a leading BOM; the default newline mode turns CRLF / CR into LF.
-  with open(path, 'r', encoding='utf-8-sig', errors='replace') as f:
-    if path.suffix.lower() == '.jsonl':
-      for line in f:
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError:
-          stats.bad_json_lines += 1
-          continue
-        if not isinstance(obj, dict):
-          stats.bad_json_lines += 1
-          continue
-        text = obj.get('text')
-        if isinstance(text, str):
-          yield text.replace('\r\n', '\n').replace('\r', '\n')
-          continue
-        found = False
-        for key in _JSONL_FIELDS:
-          value = obj.get(key)
-          if isinstance(value, str):
-            found = True
-            yield value.replace('\r\n', '\n').replace('\r', '\n')
-        if not found:
-          stats.bad_json_lines += 1
-    else:
-      for line in f:
-        yield line
+    return read_documents(path, jsonl_fields=('text',) + _JSONL_FIELDS)
+  except ValueError as e:
+    raise TokenizerTrainingError(str(e), 'inputs') from None
 
 
 def iter_sentences(
@@ -226,11 +178,10 @@ def iter_sentences(
     if progress:
       progress(f'reading [{k}/{len(files)}] {path}')
     stats.files += 1
-    for doc in _iter_documents(path, stats):
+    for doc in _iter_documents(path):
       for line in doc.split('\n'):
         if not line.strip():
           continue
-        stats.replaced_chars += line.count('\ufffd')
         chunks = split_long_line(line, max_sentence_length)
         if len(chunks) > 1:
           stats.long_lines += 1
@@ -248,10 +199,6 @@ def iter_sentences(
     extra = []
     if stats.long_lines:
       extra.append(f'{stats.long_lines:,} over-long lines cut into chunks')
-    if stats.bad_json_lines:
-      extra.append(f'{stats.bad_json_lines:,} unusable jsonl lines skipped')
-    if stats.replaced_chars:
-      extra.append(f'{stats.replaced_chars:,} undecodable bytes replaced')
     progress(
       f'read {stats.sentences:,} sentences ({stats.bytes / 1e6:.1f} MB) from {stats.files} files '
       f'in {time.monotonic() - t0:.1f}s' + (f" ({'; '.join(extra)})" if extra else '')

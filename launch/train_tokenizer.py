@@ -5,9 +5,10 @@
 
 writes runs/tok/zh_en.model and runs/tok/zh_en.json; load it with glm_jax.tokenizer.GLMTokenizer.load.
 
-Input: files and directories (searched recursively for *.txt and *.jsonl), --input repeated or comma-separated.
-Text is UTF-8 (a BOM is dropped, CRLF becomes LF); .jsonl lines give the "text" field, or "inputs_pretokenized" and
-"targets_pretokenized". Lines longer than --max-sentence-length bytes are cut into chunks.
+Input: files and directories (searched recursively for *.txt and *.jsonl), --input repeated or comma-separated,
+read as launch/train.py reads a corpus: UTF-8 (a BOM is dropped, CRLF becomes LF), Project Gutenberg's licence text
+dropped; .jsonl lines give their "text", "inputs_pretokenized" and "targets_pretokenized" fields. Lines longer than
+--max-sentence-length bytes are cut into chunks.
 
 Layouts (token ids):
   compact  ids 0..N-1 are the N pieces (0 <unk>, 1 newline, 2..257 bytes), then [MASK] [gMASK] [sMASK] eod sop eop

@@ -282,8 +282,6 @@ def test_reading_bom_crlf_jsonl_and_long_lines(tmp_path):
       [
         json.dumps({'text': 'doc one\nline two'}),
         json.dumps({'inputs_pretokenized': 'Q?', 'targets_pretokenized': 'A!'}),
-        'not json',
-        json.dumps({'other': 1}),
       ]
     ),
     encoding='utf-8',
@@ -293,6 +291,16 @@ def test_reading_bom_crlf_jsonl_and_long_lines(tmp_path):
   assert [f.name for f in files] == ['a.txt', 'b.jsonl']
   sents = list(iter_sentences(files))
   assert sents == ['First line', 'second', 'third', 'doc one', 'line two', 'Q?', 'A!']
+  # The pre-training corpus's reader (one for both): a bad line or a file that is not UTF-8 is named, not skipped.
+  (d / 'sub' / 'b.jsonl').write_text(json.dumps({'text': 'ok'}) + '\nnot json\n', encoding='utf-8')
+  with pytest.raises(TokenizerTrainingError, match='b.jsonl:2: not valid JSON'):
+    list(iter_sentences(files))
+  (d / 'sub' / 'b.jsonl').write_text(json.dumps({'other': 1}), encoding='utf-8')
+  with pytest.raises(TokenizerTrainingError, match='b.jsonl:1: expected a JSON object with a string "text" or'):
+    list(iter_sentences(files))
+  (d / 'a.txt').write_bytes(b'caf\xe9\n')
+  with pytest.raises(TokenizerTrainingError, match='a.txt: not UTF-8'):
+    list(iter_sentences(files[:1]))
 
   line = 'word ' * 50 + 'x' * 300 + ' 汉字' * 40
   chunks = split_long_line(line, 64)
@@ -302,7 +310,7 @@ def test_reading_bom_crlf_jsonl_and_long_lines(tmp_path):
 
 
 def test_training_errors(tmp_path, tiny_dir):
-  with pytest.raises(TokenizerTrainingError, match='does not exist'):
+  with pytest.raises(TokenizerTrainingError, match='path not found'):
     train_tokenizer([tmp_path / 'missing'], 500, tmp_path / 'o')
   (tmp_path / 'empty_dir').mkdir()
   with pytest.raises(TokenizerTrainingError, match='no .txt or .jsonl files'):
@@ -345,7 +353,7 @@ def test_cli_trains(tmp_path, tiny_dir):
 @pytest.mark.parametrize(
   'args, needle',
   [
-    (['--input', '{tmp}/does/not/exist', '--vocab-size', '500', '--out', '{tmp}/o'], '--input: input path'),
+    (['--input', '{tmp}/does/not/exist', '--vocab-size', '500', '--out', '{tmp}/o'], '--input: corpus path not found'),
     (['--input', '{en}', '--vocab-size', '100', '--out', '{tmp}/o'], '--vocab-size: vocab size 100 is too small'),
     (['--input', '{en}', '--out', '{tmp}/o'], 'required: --vocab-size'),
   ],

@@ -152,8 +152,11 @@ def strip_gutenberg_boilerplate(text: str) -> str:
   return text[start.end():end.start()].strip('\n') + '\n'
 
 
-def read_documents(path: str | os.PathLike, *, strip_gutenberg: bool = True) -> list[str]:
-  """The documents of one corpus file (empty documents dropped)."""
+def read_documents(path: str | os.PathLike, *, strip_gutenberg: bool = True,
+                   jsonl_fields: Sequence[str] = ('text',)) -> list[str]:
+  """The documents of one corpus file (empty documents dropped). A .jsonl line gives one document per field of
+  `jsonl_fields` it holds as a string (at least one; tokenizer training also takes instruction records'
+  inputs_pretokenized and targets_pretokenized)."""
   path = Path(path)
   text = read_text(path)
   if path.suffix != '.jsonl':
@@ -168,10 +171,12 @@ def read_documents(path: str | os.PathLike, *, strip_gutenberg: bool = True) -> 
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}:{lineno}: not valid JSON ({e.msg})') from None
-    if not isinstance(record, dict) or not isinstance(record.get('text'), str):
-      raise ValueError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
-    if record['text']:
-      docs.append(record['text'].replace('\r\n', '\n').replace('\r', '\n'))
+    values = [record.get(k) for k in jsonl_fields] if isinstance(record, dict) else []
+    values = [v for v in values if isinstance(v, str)]
+    if not values:
+      fields = ' or '.join(f'"{k}"' for k in jsonl_fields)
+      raise ValueError(f'{path}:{lineno}: expected a JSON object with a string {fields} field')
+    docs.extend(v.replace('\r\n', '\n').replace('\r', '\n') for v in values if v)
   return docs
 
 
