@@ -109,6 +109,20 @@ def _latest_run_step(run_dir: Path) -> Path:
   return ckpts / str(steps[-1]) / 'state'
 
 
+def _stored_params(path: Path):
+  """(Orbax item folder, the parameters' key in it or None, their stored metadata tree) of a model checkpoint
+  (<dir>/params) or a training run (the params of its latest complete checkpoint's state)."""
+  if (path / 'params').is_dir():
+    params_dir, subtree = path / 'params', None
+  else:
+    params_dir, subtree = _latest_run_step(path), 'params'
+  with ocp.PyTreeCheckpointer() as checkpointer, _metadata_warning_off():
+    stored = checkpointer.metadata(params_dir.resolve()).item_metadata.tree
+  if subtree is not None and subtree not in stored:
+    raise ValueError(f'{params_dir}: no {subtree!r} in this checkpoint')
+  return params_dir, subtree, stored[subtree] if subtree else stored
+
+
 def load_model(path: str | Path, *, mesh=None):
   """(params, config) from a model checkpoint or a training run directory; the params' big matrices are in
   config.weight_format (glm_jax/weights.py).
@@ -119,15 +133,8 @@ def load_model(path: str | Path, *, mesh=None):
   """
   path = Path(path)
   config = read_config(path)
-  if (path / 'params').is_dir():
-    params_dir, subtree = path / 'params', None
-  else:
-    params_dir, subtree = _latest_run_step(path), 'params'
-  with ocp.PyTreeCheckpointer() as checkpointer, _metadata_warning_off():
-    stored = checkpointer.metadata(params_dir.resolve()).item_metadata.tree
-    if subtree is not None and subtree not in stored:
-      raise ValueError(f'{params_dir}: no {subtree!r} in this checkpoint')
-    stored = stored[subtree] if subtree else stored
+  params_dir, subtree, stored = _stored_params(path)
+  with ocp.PyTreeCheckpointer() as checkpointer:
     if mesh is None:
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
@@ -151,10 +158,8 @@ def read_params_by_layer(path: str | Path):
 
   path = Path(path)
   config = read_config(path)
-  params_dir, prefix = (path / 'params', '') if (path / 'params').is_dir() else (_latest_run_step(path), 'params.')
-  with ocp.PyTreeCheckpointer() as checkpointer, _metadata_warning_off():
-    stored = checkpointer.metadata(params_dir.resolve()).item_metadata.tree
-  stored = stored['params'] if prefix else stored
+  params_dir, subtree, stored = _stored_params(path)
+  prefix = f'{subtree}.' if subtree else ''
 
   def open_array(keys):
     spec = {'driver': 'zarr', 'kvstore': {'driver': 'ocdbt', 'base': f'file://{params_dir.resolve()}',

@@ -122,6 +122,11 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
 
 
+def _rule_axes(target) -> tuple[str, ...]:
+  """The mesh axes a rule's target names (None, one axis, or a tuple of axes)."""
+  return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
 # The config.model field behind each logical parameter axis, for errors that say what to change.
 _AXIS_FIELDS = {'embed': 'hidden_size', 'heads': 'num_attention_heads', 'mlp': 'inner_hidden_size',
                 'vocab': 'vocab_size', 'layers': 'num_layers'}
@@ -134,8 +139,7 @@ def check_mesh_fits(model, model_config, rules, sizes: dict[str, int]) -> None:
   table = dict(rules)
   for path, box in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
     for dim, name in zip(box.value.shape, box.names):
-      target = table.get(name)
-      axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+      axes = _rule_axes(table.get(name))
       split = math.prod(sizes.get(a, 1) for a in axes)
       if split > 1 and dim % split:
         field = _AXIS_FIELDS.get(name)
@@ -152,9 +156,7 @@ def shard_shape(shape, logical_axes, rules, sizes: dict[str, int]) -> tuple[int,
   table = dict(rules)
   out = []
   for dim, name in zip(shape, logical_axes):
-    target = table.get(name)
-    targets = () if target is None else (target if isinstance(target, tuple) else (target,))
-    out.append(math.ceil(dim / math.prod(sizes[t] for t in targets)))
+    out.append(math.ceil(dim / math.prod(sizes[t] for t in _rule_axes(table.get(name)))))
   return tuple(out)
 
 
