@@ -12,6 +12,8 @@ Formats, by name (`get`, `names`):
   and up to OUTPUT_MAJOR_MAX_ROWS rows XLA:CPU computes W @ x.T faster than x @ W.T (the tied embedding [V, D] is
   output-major in every format that keeps it, so it takes the same path).
 - 'packed' (registered by glm_jax/cpu_kernels.py): W [O, I] in tiles of four rows, for the CPU decoding kernel.
+- 'int8', 'int4', 'int4-g128', 'int4-tp8', ... (registered by quantize/formats.py, a family of names): GLM-130B's
+  weight-only quantization.
 
 Registering a format (glm_jax/cpu_kernels.py does it for 'packed'; quantize/ does it for 'int8' and 'int4'):
 
@@ -44,7 +46,9 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import importlib
 import math
+import re
 from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
@@ -59,6 +63,9 @@ CHECKPOINT_FORMAT = 'in_out'
 OUTPUT_MAJOR_MAX_ROWS = 64
 
 _FORMATS: dict[str, type['Weight']] = {}
+_FAMILIES: list[tuple[Any, Callable[[str], type['Weight']]]] = []  # (compiled name pattern, class factory)
+# Formats registered by a module imported on first use: name pattern -> module.
+_LAZY = (('packed', 'glm_jax.cpu_kernels'), (r'int[0-9]+(-.*)?', 'quantize.formats'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,12 +154,24 @@ def register(cls: type[Weight]) -> type[Weight]:
   return cls
 
 
+def register_family(pattern, factory: Callable[[str], type[Weight]]) -> None:
+  """Adds a family of format names: `get(name)` for a name that fully matches the compiled regex `pattern` calls
+  factory(name), which registers and returns the class (quantize/formats.py: 'int4-g128' and the like)."""
+  _FAMILIES.append((pattern, factory))
+
+
 def get(name: str) -> type[Weight]:
   """The format registered under `name` (ValueError listing the known ones)."""
-  if name == 'packed' and name not in _FORMATS:  # registered by its module, imported on demand
-    from glm_jax import cpu_kernels  # noqa: F401
   if name not in _FORMATS:
-    raise ValueError(f'unknown weight format {name!r}; known formats: {", ".join(names())}')
+    for pattern, module in _LAZY:
+      if re.fullmatch(pattern, name):
+        importlib.import_module(module)
+    family = next((factory for pattern, factory in _FAMILIES if pattern.fullmatch(name)), None)
+    if family is not None:
+      return family(name)
+  if name not in _FORMATS:
+    raise ValueError(f'unknown weight format {name!r}; known formats: {", ".join(names())}, and int8 / int4 with '
+                     '-g<group size> or -tp<tensor-parallel degree>')
   return _FORMATS[name]
 
 
@@ -314,7 +333,10 @@ def convert_params(params, specs: dict[str, Spec], weight_format: str):
     if lead < 0 or tuple(w.shape[lead:]) != spec.checkpoint_shape:
       raise ValueError(f'{key} has shape {tuple(w.shape)}, not the checkpoint layout {spec.checkpoint_shape} (is '
                        'this tree in another weight format already?)')
-    return _map_layers(lambda v: fmt.convert(v, spec), w, lead)
+    try:
+      return _map_layers(lambda v: fmt.convert(v, spec), w, lead)
+    except ValueError as e:
+      raise ValueError(f'{key}: {e}') from None
   return _map_matrices(convert, params, specs) if fmt is not InOut else params
 
 

@@ -141,6 +141,7 @@ def _import_sat() -> dict[str, Any]:
     if getattr(sat, "__version__", None) != SAT_VERSION:
         raise RuntimeError(f"tests/sat_reference.py needs SAT {SAT_VERSION}, found {getattr(sat, '__version__', '?')}")
     import sat.model.official.glm130B_model as glm_mod
+    import sat.quantization.kernels as quantization_kernels
     from sat.generation.autoregressive_sampling import update_mems
     from sat.ops.scaled_mask_softmax import FusedScaleMaskSoftmax
     from sat.transformer_defaults import ARGS_DEFAULT
@@ -153,6 +154,8 @@ def _import_sat() -> dict[str, Any]:
         "glm130B_model": glm_mod,
         "GLM130B": glm_mod.GLM130B,
         "update_mems": update_mems,
+        # quantize(model, bits) runs on CPU; its INT4 packer and weight extraction need CUDA (cpm_kernels)
+        "quantization": quantization_kernels,
         "ARGS_DEFAULT": ARGS_DEFAULT,
         # None when apex is absent; the models built here never use it either way (see build_sat_glm130b).
         "FusedScaleMaskSoftmax": FusedScaleMaskSoftmax,
@@ -288,6 +291,11 @@ def build_sat_glm130b(
         assert p.dtype == torch.float32, (name, p.dtype)
     model.eval()
     return model
+
+
+def sat_module(name: str):
+    """One of SAT's modules as _import_sat patched and imported them (e.g. 'quantization')."""
+    return _import_sat()[name]
 
 
 def set_rope_inv_freq(model: torch.nn.Module, inv_freq: np.ndarray) -> None:

@@ -1,0 +1,258 @@
+"""GLM-130B's INT8 / INT4 weight format (quantize/), its weight formats in the model, and the Pallas kernels.
+
+The format is checked bit for bit against SAT 0.4.12's own `quantize()` on a half-precision GLM130B, with SAT's CUDA
+INT4 packer replaced by `_spec_pack_int4` below, written from glm130b.md §6 ("byte i of a row = (q[2i] << 4) |
+(q[2i+1] & 0xF)"), and a quantized model's logits against SAT's quantized model run in half precision, its CUDA
+weight extraction replaced by `_spec_extract` (§6: half(q) * scale, hi nibble sign-extended for the even column).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import quantize
+from glm_jax import GLM, from_sat_state_dict, init_params, rope, weights
+from glm_jax.model import GLMConfig, weight_specs
+from quantize import kernels
+from tests import sat_reference as R
+from tests.conftest import PARITY_MODEL, load_config
+
+torch.set_num_threads(1)
+LINEARS = ('attention.query_key_value', 'attention.dense', 'mlp.dense_h_to_4h', 'mlp.dense_4h_to_h')
+OURS = {'attention.query_key_value': ('attention', 'qkv_kernel'), 'attention.dense': ('attention', 'dense_kernel'),
+        'mlp.dense_h_to_4h': ('mlp', 'h_to_4h_kernel'), 'mlp.dense_4h_to_h': ('mlp', '4h_to_h_kernel')}
+
+
+def _spec_pack_int4(q: torch.Tensor) -> torch.Tensor:
+  """glm130b.md §6: byte i of a row = (q[2i] << 4) | (q[2i+1] & 0xF), as int8."""
+  q = q.to(torch.int32)
+  byte = ((q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)) & 0xFF
+  return torch.where(byte > 127, byte - 256, byte).to(torch.int8)
+
+
+def _spec_extract(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+  """glm130b.md §6: hi = byte >> 4 (sign-extended) is the even column, lo = (int8)(byte << 4) >> 4 the odd one;
+  w = half(value) * scale, an fp16 multiply."""
+  if bits == 4:
+    b = weight.to(torch.int32)
+    hi = b >> 4
+    lo = ((b << 28) & 0xFFFFFFFF).to(torch.int64)
+    lo = torch.where(lo >= 2**31, lo - 2**32, lo) >> 28
+    values = torch.stack([hi.to(torch.int64), lo], dim=-1).reshape(weight.shape[0], -1)
+  else:
+    values = weight
+  return values.half() * scale.half()[:, None]
+
+
+@pytest.fixture(scope='module')
+def sat_quantized():
+  """{bits: (SAT model quantized by SAT's quantize() in half precision, its fp16 state before quantization)}."""
+  sat_kernels = R.sat_module('quantization')
+  models = {}
+  for bits in (8, 4):
+    sat = R.build_sat_glm130b(**PARITY_MODEL, seed=3, init_std=0.1).half()
+    head_dim = PARITY_MODEL['hidden_size'] // PARITY_MODEL['num_attention_heads']
+    R.set_rope_inv_freq(sat, rope.inv_freq_f32(head_dim))
+    fp16_state = {k: v.clone() for k, v in sat.state_dict().items()}
+    original = sat_kernels.compress_int4_weight
+    sat_kernels.compress_int4_weight = _spec_pack_int4
+    try:
+      sat_kernels.quantize(sat, bits)
+    finally:
+      sat_kernels.compress_int4_weight = original
+    models[bits] = sat, fp16_state
+  return models
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_quantize_weight_equals_sat_quantize_bit_for_bit(sat_quantized, bits):
+  sat, fp16_state = sat_quantized[bits]
+  state = sat.state_dict()
+  for layer in range(PARITY_MODEL['num_layers']):
+    for linear in LINEARS:
+      key = f'transformer.layers.{layer}.{linear}'
+      q, scale = quantize.quantize_weight(fp16_state[f'{key}.weight'].numpy(), bits)
+      np.testing.assert_array_equal(q, state[f'{key}.weight'].numpy(), err_msg=key)
+      assert scale.dtype == np.float16
+      np.testing.assert_array_equal(scale.view(np.int16), state[f'{key}.weight_scale'].numpy().view(np.int16),
+                                    err_msg=key)
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_model_format_stores_sats_arrays_and_matches_its_logits(sat_quantized, bits):
+  """Converting the fp16 checkpoint to the 'int{bits}' format stores SAT's q and scales (the same row order), and
+  the quantized model in fp16 matches SAT's quantized model in half precision within 4 fp16 ulps of the largest
+  logit, the bar of the fp16 parity test (tests/test_sat_parity.py), whose reasoning carries over: both dequantize
+  to the same fp16 weights (checked here), then differ only in where fp16 activations round."""
+  sat, fp16_state = sat_quantized[bits]
+  config = load_config('tiny', **dict(PARITY_MODEL, max_sequence_length=2048), dtype='float16',
+                       param_dtype='float16')
+  sd = {k: v.float().numpy() for k, v in fp16_state.items()}
+  params = weights.convert_params(from_sat_state_dict(sd, config.model), weight_specs(GLMConfig.make(config.model)),
+                                  f'int{bits}')
+  state = sat.state_dict()
+  for linear, (module, name) in OURS.items():
+    q = params['layers'][module][name]['q']
+    for layer in range(PARITY_MODEL['num_layers']):
+      np.testing.assert_array_equal(q[layer], state[f'transformer.layers.{layer}.{linear}.weight'].numpy())
+
+  sat_kernels = R.sat_module('quantization')
+  original = sat_kernels.extract_weight_to_half
+  sat_kernels.extract_weight_to_half = _spec_extract
+  try:
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, PARITY_MODEL['vocab_size'], (2, 20)).astype(np.int32)
+    may = np.tril(np.ones((20, 20), bool))
+    may[:, :8] = True
+    case = (tokens, np.broadcast_to(np.arange(20, dtype=np.int32), (2, 20)).copy(), may[None, None])
+    ref = R.sat_forward(sat, *case)[0]
+  finally:
+    sat_kernels.extract_weight_to_half = original
+  ours = np.asarray(GLM(config.model, weight_format=f'int{bits}').apply({'params': params}, *case), np.float32)
+  ulp = 2.0 ** -11 * np.abs(ref).max()
+  assert np.abs(ours - ref).max() <= 4 * ulp, np.abs(ours - ref).max() / ulp
+
+
+def test_int4_packing_hand_worked():
+  q = np.array([[3, -2, -7, 7], [0, -1, 7, -8]], np.int8)
+  packed = quantize.pack_int4(q)
+  # 3 -> 0x3, -2 -> 0xE: 0x3E = 62; -7 -> 0x9, 7 -> 0x7: 0x97 = 151 = -105 as int8; 0x0F = 15; 0x78 = 120
+  np.testing.assert_array_equal(packed, np.array([[62, -105], [15, 120]], np.int8))
+  np.testing.assert_array_equal(quantize.unpack_int4(packed), q)
+
+
+def test_quantize_hand_worked_row_and_groups():
+  w = np.array([[0.7, -0.35, 0.1, 0.0], [-2.0, 1.0, 4.0, -1.0]], np.float16)
+  q, scale = quantize.quantize_weight(w, 4)
+  # row 0: scale = half(0.7 / 7) = half(0.1); 0.7/0.1 = 7, -0.35/0.1 = -3.5 -> -4 (ties to even), 0.1/0.1 = 1
+  assert scale[0] == np.float16(np.float16(0.7) / np.float16(7))
+  np.testing.assert_array_equal(quantize.unpack_int4(q)[0], [7, -4, 1, 0])
+  # groups of 2 columns: row 1's groups have absmax 2 and 4
+  q, scale = quantize.quantize_weight(w, 8, group_size=2)
+  assert scale.shape == (2, 2)
+  assert scale[1, 0] == np.float16(np.float16(2.0) / np.float16(127))
+  assert scale[1, 1] == np.float16(np.float16(4.0) / np.float16(127))
+  assert q[1, 0] == -127 and q[1, 2] == 127 and q[1, 3] == -32  # -1/(4/127) = -31.75 -> -32
+  deq = quantize.dequantize_weight(q, scale, 8)
+  assert deq.dtype == np.float16 and deq[1, 2] == np.float16(np.float16(127) * scale[1, 1])
+
+
+def test_release_tensor_parallel_groups_are_per_shard_scales():
+  """'int4-tp2': a row-parallel layer's scales are those of each TP shard quantized alone (glm130b.md §6, TP note);
+  a column-parallel layer's are per row."""
+  config = load_config('tiny', **PARITY_MODEL)
+  specs = weight_specs(GLMConfig.make(config.model))
+  rng = np.random.default_rng(0)
+  fmt = weights.get('int4-tp2')
+  for name in ('dense_kernel', 'qkv_kernel'):
+    spec = specs[name]
+    w = rng.normal(size=spec.checkpoint_shape).astype(np.float32)
+    stored = fmt.convert(w, spec)
+    w_OxI = spec.o_by_i(w)
+    if name == 'dense_kernel':
+      shards = [quantize.quantize_weight(part, 4) for part in np.split(w_OxI, 2, axis=1)]
+      np.testing.assert_array_equal(stored['q'], np.concatenate([s[0] for s in shards], axis=1))
+      np.testing.assert_array_equal(stored['scale'], np.stack([s[1] for s in shards], axis=1))
+    else:
+      np.testing.assert_array_equal(stored['scale'][:, 0], quantize.quantize_weight(w_OxI, 4)[1])
+
+
+def test_bad_formats_and_shapes_name_the_problem():
+  with pytest.raises(ValueError, match='bit width must be 4 or 8'):
+    quantize.quantize_weight(np.ones((2, 4), np.float16), 3)
+  with pytest.raises(ValueError, match='odd'):
+    quantize.quantize_weight(np.ones((2, 3), np.float16), 4)
+  with pytest.raises(ValueError, match='group size 3 does not divide the 4 input columns'):
+    quantize.quantize_weight(np.ones((2, 4), np.float16), 8, group_size=3)
+  with pytest.raises(ValueError, match='unknown weight format'):
+    weights.get('int5')
+  config = load_config('tiny', **PARITY_MODEL)
+  params = jax.tree.map(np.asarray, _random_params(config))
+  with pytest.raises(ValueError, match='dense_kernel: group size 96 does not divide the 128 input columns'):
+    weights.convert_params(params, weight_specs(GLMConfig.make(config.model)), 'int4-g96')
+
+
+def _random_params(config):
+  return init_params(GLM(config.model), config.model, jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels, in interpret mode on CPU, against the reference (dequantize to the activation dtype, then matmul)
+
+
+def _tolerance(x, w_deq_f32, dtype):
+  """Per element: one rounding of each dequantized weight to the activation dtype (the reference rounds q * scale,
+  the kernel scales the exact float32 sum: relative 2^-11 for fp16, 2^-8 for bf16, 0 for fp32, where q * scale is
+  exact), plus float32 summation in another order (I * 2^-24 relative, twice), all of sum |x| |w|."""
+  unit = {jnp.float16: 2.0 ** -11, jnp.bfloat16: 2.0 ** -8, jnp.float32: 0.0}[dtype]
+  mass = np.abs(np.asarray(x, np.float32)) @ np.abs(w_deq_f32).T
+  return (unit + 2 * x.shape[1] * 2.0 ** -24) * mass + 1e-30
+
+
+CASES = [  # (bits, O, I, group, M, dtype): odd and even sizes, block multiples and not, groups or not
+    (4, 37, 70, None, 1, jnp.float32),
+    (4, 64, 512, 256, 3, jnp.bfloat16),
+    (4, 33, 256, 128, 16, jnp.float16),
+    (4, 48, 128, None, 64, jnp.float32),
+    (8, 37, 70, None, 3, jnp.float16),
+    (8, 64, 512, 256, 1, jnp.float32),
+    (8, 40, 256, 128, 64, jnp.bfloat16),
+    (8, 31, 64, None, 16, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize('kernel', ['gpu', 'tpu'])
+@pytest.mark.parametrize('bits,o,i,group,m,dtype', CASES)
+def test_pallas_kernel_matches_dequantize_then_matmul(kernel, bits, o, i, group, m, dtype):
+  rng = np.random.default_rng(o * i + m)
+  q, scale = quantize.quantize_weight(rng.normal(size=(o, i)).astype(np.float16), bits, group)
+  scale_OxG = scale.reshape(o, -1)
+  x = jnp.asarray(rng.normal(size=(m, i)), dtype)
+  # small blocks keep the interpret-mode grids short and make most shapes straddle a block edge
+  blocks = kernels.Blocks(m=8 if kernel == 'tpu' else 16, n=32, k=min(group or 64, 128))
+  fn = kernels.gpu_matmul if kernel == 'gpu' else kernels.tpu_matmul
+  y = np.asarray(fn(x, jnp.asarray(q), jnp.asarray(scale_OxG), bits, blocks=blocks, interpret=True))
+  w_deq = quantize.dequantize_weight(q, scale, bits)  # fp16, as SAT's extraction kernels
+  ref = np.asarray(jnp.einsum('mi,oi->mo', x, jnp.asarray(w_deq.astype(np.float32)).astype(dtype),
+                              preferred_element_type=jnp.float32))
+  if dtype == jnp.float32:  # the reference in fp32 is the exact q * scale, not its fp16 rounding
+    ref = np.asarray(kernels.xla_matmul(x, jnp.asarray(q), jnp.asarray(scale_OxG), bits))
+  assert y.shape == (m, o) and y.dtype == np.float32
+  tol = _tolerance(x, w_deq.astype(np.float32), dtype)
+  assert (np.abs(y - ref) <= tol).all(), np.max(np.abs(y - ref) / tol)
+
+
+def test_xla_formulation_is_the_exact_dequantized_product():
+  """In fp32 the XLA product equals x @ (q * scale).T computed in float64, to float32 summation error."""
+  rng = np.random.default_rng(1)
+  for bits in (4, 8):
+    q, scale = quantize.quantize_weight(rng.normal(size=(24, 96)).astype(np.float16), bits, 32)
+    values = quantize.unpack_int4(q) if bits == 4 else q
+    w64 = values.astype(np.float64) * np.repeat(scale.astype(np.float64), 32, axis=1)
+    x = rng.normal(size=(5, 96)).astype(np.float32)
+    y = np.asarray(kernels.xla_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), bits))
+    exact = x.astype(np.float64) @ w64.T
+    assert np.abs(y - exact).max() <= 96 * 2.0 ** -24 * (np.abs(x) @ np.abs(w64).T).max()
+
+
+@pytest.mark.parametrize('platform', ['tpu', 'cuda'])
+def test_kernels_lower_for_their_platform(platform):
+  """jax.export lowers each kernel for its target on this CPU machine: tracing and lowering errors (block shapes,
+  unsupported ops) show here, not first on a TPU or GPU."""
+  fn, backend = (kernels.tpu_matmul, 'tpu') if platform == 'tpu' else (kernels.gpu_matmul, 'gpu')
+  checks = [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
+  for bits, dtype, m, groups in ((4, jnp.bfloat16, 1, 1), (4, jnp.float16, 64, 4), (8, jnp.bfloat16, 256, 1),
+                                 (8, jnp.float32, 16, 2)):
+    o, i = 1024, 2048
+    blocks = kernels.default_blocks(backend, m, None if groups == 1 else i // groups)
+    assert kernels.kernel_applies(backend, bits, i, groups, blocks)
+    args = (jax.ShapeDtypeStruct((m, i), dtype), jax.ShapeDtypeStruct((o, i * bits // 8), jnp.int8),
+            jax.ShapeDtypeStruct((o, groups), jnp.float16))
+    exported = jax.export.export(jax.jit(functools.partial(fn, bits=bits)), platforms=(platform,),
+                                 disabled_checks=checks)(*args)
+    text = exported.mlir_module()
+    assert ('tpu_custom_call' if platform == 'tpu' else 'triton') in text, (bits, dtype, m, groups)
