@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,18 +54,37 @@ def small_model():
   return config, model, init_params(model, config.model, jax.random.key(0))
 
 
+def _assert_normal(w, std, what):
+  """w looks like draws of N(0, std): mean, std (5%), and the kurtosis of a normal (3), which a uniform (1.8) or a
+  2-sigma truncated normal (flax's variance-scaling default, ~2.4) with the same std does not have."""
+  w = np.asarray(w, np.float64).ravel()
+  assert abs(w.mean()) < 5 * std / np.sqrt(w.size), what
+  np.testing.assert_allclose(w.std(), std, rtol=0.05, err_msg=what)
+  assert abs(np.mean((w / w.std()) ** 4) - 3) < 0.25, what
+
+
 def test_deepnorm_initialisation(small_model):
+  """glm130b.md §3.1: Xavier-normal with gain beta = (2N)^-1/2 on both FFN matrices, v and the attention output;
+  q, k and the embedding N(0, init_std); every bias 0, LayerNorm scales 1."""
   config, _, params = small_model
   n_layers, d = config.model.num_layers, config.model.hidden_size
+  f, std = config.model.inner_hidden_size, (3 * d) ** -0.5
   beta = (2 * n_layers) ** -0.5
-  qkv = np.asarray(params['layers']['attention']['qkv_kernel'])  # [L, D, N, 3, H]
-  np.testing.assert_allclose(qkv[..., 0, :].std(), (3 * d) ** -0.5, rtol=0.05)  # q: N(0, init_std)
-  np.testing.assert_allclose(qkv[..., 2, :].std(), beta * np.sqrt(2 / (2 * d)), rtol=0.05)  # v: Xavier * beta
-  f = config.model.inner_hidden_size
-  np.testing.assert_allclose(np.asarray(params['layers']['mlp']['4h_to_h_kernel']).std(),
-                             beta * np.sqrt(2 / (f + d)), rtol=0.05)
-  assert not np.any(np.asarray(params['layers']['mlp']['h_to_4h_bias']))
-  np.testing.assert_array_equal(np.asarray(params['layers']['input_layernorm']['scale']), 1.0)
+  attn, mlp = params['layers']['attention'], params['layers']['mlp']
+  qkv = np.asarray(attn['qkv_kernel'])  # [L, D, N, 3, H]
+  _assert_normal(qkv[..., 0, :], std, 'q')
+  _assert_normal(qkv[..., 1, :], std, 'k')
+  _assert_normal(qkv[..., 2, :], beta * np.sqrt(2 / (d + d)), 'v')
+  _assert_normal(attn['dense_kernel'], beta * np.sqrt(2 / (d + d)), 'dense')
+  _assert_normal(mlp['h_to_4h_kernel'], beta * np.sqrt(2 / (d + 2 * f)), 'h_to_4h')  # one [D, 2F] matrix
+  _assert_normal(mlp['4h_to_h_kernel'], beta * np.sqrt(2 / (f + d)), '4h_to_h')
+  _assert_normal(params['word_embeddings'], std, 'word_embeddings')
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['bias']") or name.endswith("_bias']"):
+      assert not np.any(np.asarray(leaf)), name
+    elif name.endswith("['scale']"):
+      np.testing.assert_array_equal(np.asarray(leaf), 1.0, err_msg=name)
 
 
 def test_dropout_only_in_training(small_model):
@@ -91,6 +111,10 @@ def test_separate_input_embedding_only_changes_the_lookup(small_model):
   np.testing.assert_array_equal(same, model.apply({'params': params}, tokens, pos, mask))
   other = model.apply({'params': params}, tokens, pos, mask, input_embedding=params['word_embeddings'][::-1])  # LN would undo a scale
   assert np.abs(np.asarray(other) - np.asarray(same)).max() > 1e-3
+  # The reversed table at token t is the tied one at V-1-t: the same as the tied model on V-1-t, whose output
+  # projection is still the tied table (were `input_embedding` used there too, the logits would come out reversed).
+  remapped = np.asarray(model.apply({'params': params}, config.model.vocab_size - 1 - tokens, pos, mask))
+  np.testing.assert_allclose(other, remapped, atol=1e-5 * np.abs(remapped).max(), rtol=0)
 
 
 def test_mask_must_be_bool(small_model):
@@ -143,6 +167,13 @@ def test_layer_layouts_and_weight_formats_compute_the_same_function(small_model,
                                     rngs={'dropout': jax.random.key(k)})) for k in (1, 1, 2)]
     np.testing.assert_array_equal(train[0], train[1])
     assert np.abs(train[0] - train[2]).max() > 1e-3 and np.abs(train[0] - ref).max() > 1e-3
+    # ... per layer: the MLP's hidden dropout zeroes other entries in layer 0 than in layer 1 (same shape, same call).
+    _, state = other.apply({'params': other_params}, tokens, pos, mask, deterministic=False,
+                           rngs={'dropout': jax.random.key(1)}, mutable=['intermediates'],
+                           capture_intermediates=lambda module, _: isinstance(module, nn.Dropout))
+    dropped = [np.asarray(state['intermediates'][f'layers_{i}']['mlp']['Dropout_0']['__call__'][0]) == 0
+               for i in range(2)]
+    assert dropped[0].any() and (dropped[0] != dropped[1]).any()
 
 
 @pytest.mark.parametrize('scan_layers,weight_format', LAYOUTS)

@@ -4,6 +4,8 @@ Compiles are the cost here, so one module fixture holds the tiny model, its init
 the real train step; the tests compare other formulations against them.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from ml_collections import ConfigDict
 from glm_jax import GLM
 from glm_jax.config import train_defaults
 from glm_jax.train import (LossScaleConfig, SplitEmbeddingGrads, TrainState, decay_mask, init_loss_scale,
-                           init_train_state, make_base_optimizer, make_egs_schedule, make_schedule,
+                           init_train_state, make_base_optimizer, make_egs_schedule, make_optimizer, make_schedule,
                            make_train_step, update_loss_scale)
 from glm_jax.train.optimizer import fold_embedding_grads
 from glm_jax.train.precision import all_finite
@@ -88,12 +90,18 @@ def trained():
 
 def test_learning_rate_schedule_key_steps():
   t = train_defaults()
+  # glm130b.md §3.2: AdamW b1 0.9, b2 0.95, eps 1e-8, weight decay 0.1; gradient norm clipped at 1.0.
+  assert (t.b1, t.b2, t.eps, t.weight_decay, t.clip_norm) == (0.9, 0.95, 1e-8, 0.1, 1.0)
   lr = make_schedule(t)
   peak, floor = 8e-5, 8e-6
   np.testing.assert_allclose(float(lr(0)), 0.0)
   np.testing.assert_allclose(float(lr(t.warmup_steps // 2)), peak / 2, rtol=1e-3)
   np.testing.assert_allclose(float(lr(t.warmup_steps)), peak, rtol=1e-6)  # warm-up end
   np.testing.assert_allclose(float(lr((t.warmup_steps + t.decay_steps) // 2)), (peak + floor) / 2, rtol=1e-3)
+  # A quarter into the decay the cosine is at (1 + cos(pi/4)) / 2 = 0.854 of the way from the floor to the peak
+  # (a linear decay would be at 0.75; the points above do not tell the two apart).
+  quarter = t.warmup_steps + (t.decay_steps - t.warmup_steps) / 4
+  np.testing.assert_allclose(float(lr(quarter)), floor + (peak - floor) * (1 + math.cos(math.pi / 4)) / 2, rtol=1e-3)
   np.testing.assert_allclose(float(lr(t.decay_steps)), floor, rtol=1e-6)  # end of decay: the floor
   np.testing.assert_allclose(float(lr(t.decay_steps + 10_000)), floor, rtol=1e-6)
   with pytest.raises(ValueError, match='decay_steps'):
@@ -129,6 +137,59 @@ def test_no_decay_on_biases_and_layernorm(trained):
                    "['layers']['attention']['qkv_kernel']": pytest.approx(0.05),
                    "['layers']['input_layernorm']['bias']": 0.0, "['layers']['input_layernorm']['scale']": 0.0,
                    "['word_embeddings']": pytest.approx(0.05)}
+
+
+def test_optimizer_chain_matches_the_definition():
+  """make_optimizer against EGS, clipping and AdamW written out here in float64 from their published definitions
+  (glm130b.md §3.2-3.3; AdamW's decoupled decay as torch.optim.AdamW and apex's Adam in adam_w_mode: p -= lr * (m^ /
+  (sqrt(v^) + eps) + wd * p), decay on matrices and the embedding only). Adam is blind to a gradient scale that is
+  the same every step, so the gradients' norms vary (clipping on at some steps, off at others), as do alpha (EGS
+  warm-up) and the learning rate (warm-up, then cosine). (The training comparison below builds its reference with
+  make_base_optimizer: it checks EGS, not AdamW or clipping.)"""
+  t = train_defaults()
+  t.update(dict(learning_rate=1e-2, min_lr_ratio=0.1, warmup_steps=2, decay_steps=5, egs_warmup_start=1,
+                egs_warmup_steps=2))
+  rng = np.random.default_rng(0)
+  shapes = {'word_embeddings': (6, 3), 'final_layernorm': {'scale': (3,), 'bias': (3,)},
+            'layers': {'attention': {'qkv_kernel': (3, 9), 'qkv_bias': (9,)}, 'mlp': {'h_to_4h_kernel': (3, 4)}}}
+  is_shape = lambda x: isinstance(x, tuple)
+  params = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32), shapes, is_leaf=is_shape)
+  decays = {jax.tree_util.keystr(k): k[-1].key == 'word_embeddings' or k[-1].key.endswith('kernel')
+            for k, _ in jax.tree_util.tree_leaves_with_path(params)}
+  tx = make_optimizer(t)
+  update = jax.jit(tx.update)
+  state, p = tx.init(params), params
+  ref = jax.tree.map(lambda x: x.astype(np.float64), params)
+  m = jax.tree.map(np.zeros_like, ref)
+  v = jax.tree.map(np.zeros_like, ref)
+  peak, floor = t.learning_rate, t.learning_rate * t.min_lr_ratio
+  lrs = [0.0, peak / 2, peak] + [floor + (peak - floor) * (1 + math.cos(math.pi * k / 3)) / 2 for k in (1, 2)]
+  alphas = [0.1, 0.1, 0.55, 1.0, 1.0]
+  clipped = []
+  for n, scale in enumerate([3.0, 0.05, 2.0, 0.1, 5.0]):
+    g = jax.tree.map(lambda s: (rng.standard_normal(s) * scale / 2).astype(np.float32), shapes, is_leaf=is_shape)
+    g_in = (rng.standard_normal((6, 3)) * scale).astype(np.float32)
+    updates, state = update(SplitEmbeddingGrads(params=g, input_embedding=g_in), state, p)
+    p = optax.apply_updates(p, updates)
+    before = ref
+    # The definition: fold the shrunk input-lookup gradient into the tied table's, clip the global norm, AdamW.
+    g = jax.tree.map(lambda x: x.astype(np.float64), g)
+    g['word_embeddings'] = g['word_embeddings'] + alphas[n] * g_in.astype(np.float64)
+    norm = math.sqrt(sum(float((x ** 2).sum()) for x in jax.tree.leaves(g)))
+    clipped.append(norm > t.clip_norm)
+    g = jax.tree.map(lambda x: x * min(1.0, t.clip_norm / norm), g)
+    m = jax.tree.map(lambda m, g: t.b1 * m + (1 - t.b1) * g, m, g)
+    v = jax.tree.map(lambda v, g: t.b2 * v + (1 - t.b2) * g * g, v, g)
+
+    def adamw(path, x, m, v):
+      step = m / (1 - t.b1 ** (n + 1)) / (np.sqrt(v / (1 - t.b2 ** (n + 1))) + t.eps)
+      return x - lrs[n] * (step + (t.weight_decay * x if decays[jax.tree_util.keystr(path)] else 0.0))
+
+    ref = jax.tree_util.tree_map_with_path(adamw, ref, m, v)
+    # Each step's update (<= a few lr) in fp32 against float64: a few roundings, ~1e-6 of it. (The parameters
+    # themselves are compared no closer than their own fp32 rounding, ~1e-7 of ~2: too coarse for lr 1e-2.)
+    assert max_err(updates, jax.tree.map(np.subtract, ref, before)) <= 1e-5 * peak, n
+  assert clipped == [True, False, True, False, True]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Logit parity with the PyTorch reference, SAT 0.4.12's GLM130B, on tiny random models in fp32 (and one in fp16).
 
-Bar (issue 2): max|Δ| ≤ 1e-4·max|ref| over rows that are not padding (fp16: see its test).
+Bar (issue 2): max|Δ| ≤ 1e-4·max|ref| over rows that are not padding (fp16: see its test). Checked here at 1e-5: two
+fp32 programs that sum in other orders differ by rounding, ~1e-6 of the largest logit over these 3 layers (measured
+≤ 6.3e-7), while e.g. the tanh approximation of GELU in place of the exact one moves the logits by ~1.2e-4, which
+1e-4 would barely tell apart.
 """
 
 import jax
@@ -14,7 +17,7 @@ from tests import sat_reference as R
 from tests.conftest import PARITY_MODEL, load_config
 
 torch.set_num_threads(1)
-REL_TOL = 1e-4
+REL_TOL = 1e-5
 
 
 def _setup(position_encoding_2d, seed):

@@ -81,7 +81,12 @@ def uninterrupted(run_inputs, tmp_path_factory):
   return workdir, proc
 
 
-def test_quick_run_reports_heldout_bits_per_byte_and_metrics(uninterrupted, tmp_path):
+def test_quick_run_reports_heldout_bits_per_byte_and_metrics(uninterrupted, run_inputs, tmp_path):
+  import jax
+
+  from glm_jax import GLM, model_io
+  from glm_jax.data import heldout_batches, load_corpus
+  from glm_jax.tokenizer import GLMTokenizer
   workdir, proc = uninterrupted
   assert 'bits per byte' in proc.stdout
   records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -90,7 +95,26 @@ def test_quick_run_reports_heldout_bits_per_byte_and_metrics(uninterrupted, tmp_
   for key in ('loss', 'learning_rate', 'grad_norm', 'loss_scale', 'skipped', 'tokens_per_s', 'mfu'):
     assert all(np.isfinite(r[key]) for r in train), key
   assert train[-1]['loss'] < train[0]['loss']
-  assert any('heldout_bpb' in r and r['heldout_bpb'] > 0 for r in records)
+  (ev,) = [r for r in records if 'heldout_bpb' in r]
+  assert ev['step'] == STEPS
+  # The held-out numbers recomputed from the final parameters (a bare 'bpb > 0' passed whatever they were): the
+  # model's log-softmax in float64 over the scored tokens of the held-out split (heldout_batches, checked in
+  # tests/test_data.py); nats per scored token, and nats per UTF-8 byte / ln 2.
+  params, config = model_io.load_model(workdir)
+  tok = GLMTokenizer.load(run_inputs[0])
+  model = GLM(config.model)
+  forward = jax.jit(lambda p, b: model.apply({'params': p}, b['tokens'], b['position_ids'], b['attention_mask']))
+  nats = scored = num_bytes = 0.0
+  for batch, n in heldout_batches(load_corpus(run_inputs[1], tok), tok, config.train.seq_len,
+                                  config.run.eval_batch_size):
+    logits = np.asarray(forward(params, batch), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nats -= (np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0] * batch['loss_mask']).sum()
+    scored, num_bytes = scored + batch['loss_mask'].sum(), num_bytes + n
+  # The run sums fp32 cross-entropies (each ~1e-6 relative) in fp32 over a batch of 8 x 32: ~1e-5 at most.
+  assert ev['heldout_loss'] == pytest.approx(nats / scored, rel=1e-5)
+  assert ev['heldout_bpb'] == pytest.approx(nats / num_bytes / np.log(2), rel=1e-5)
   assert list((workdir / 'tensorboard').iterdir())
   out = tmp_path / 'curves.png'
   plot = subprocess.run([sys.executable, 'launch/plot.py', str(workdir), '--out', str(out)], cwd=REPO,
@@ -170,6 +194,7 @@ def test_load_model_reads_the_run_parameters_onto_a_mesh(uninterrupted):
   assert jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding == s, placed, shardings)) == \
       [True] * len(jax.tree.leaves(want))
   assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))  # something is split
+  assert jax.tree.structure(host) == jax.tree.structure(want)  # zip below would pass over a missing leaf
   for a, b, c in zip(_flat(want), _flat(host), _flat(placed)):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
@@ -180,6 +205,7 @@ def test_run_checkpoints_are_read_by_layer_without_warnings(uninterrupted, caplo
   per-layer tree, without Orbax's warning about the item folder's missing _CHECKPOINT_METADATA."""
   import logging
 
+  import jax
   import tensorstore as ts
 
   from glm_jax import model_io, weights
@@ -189,6 +215,8 @@ def test_run_checkpoints_are_read_by_layer_without_warnings(uninterrupted, caplo
     by_layer = dict(entries)
     model_io.load_model(uninterrupted[0])
   assert not [r for r in caplog.records if 'Metadata file does not exist' in r.getMessage()]
+  # Every layer's every leaf (zip below would pass over missing ones).
+  assert jax.tree.structure(by_layer) == jax.tree.structure(weights.unstack_layers(want))
   for a, b in zip(_flat(weights.unstack_layers(want)), _flat(by_layer)):
     np.testing.assert_array_equal(a, b)
   state = Path(uninterrupted[0]) / 'checkpoints' / str(STEPS) / 'state'

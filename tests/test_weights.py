@@ -118,6 +118,7 @@ def test_checkpoints_record_their_weight_format(tiny, tmp_path):
   (path / 'config.json').write_text(json.dumps(old))
   loaded, loaded_config = model_io.load_model(path)
   assert loaded_config.weight_format == 'in_out' and 'kernel_layout' not in loaded_config.model
+  assert jax.tree.all(jax.tree.map(np.array_equal, loaded, jax.tree.map(np.asarray, params)))  # as saved, unconverted
   GLM(loaded_config.model)
   with pytest.raises(ValueError, match='kernel_layout is gone'):
     GLM(dict(config.model.to_dict(), kernel_layout='out_in'))
