@@ -56,6 +56,9 @@ UsageError = cli.UsageError
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'glm-jax (Orbax) checkpoint: a training run directory or a '
                                   'model checkpoint (e.g. converted from SAT).')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'SentencePiece .model file (default: the checkpoint\'s own).')
+_QUANTIZATION = flags.DEFINE_enum('quantization-bit-width', None, ['4', '8'], 'Quantize the four matrices of every '
+                                  'layer to INT4 or INT8 as GLM-130B does, one layer at a time while loading (a '
+                                  'checkpoint written by launch/quantize.py is quantized already).')
 _INPUT_SOURCE = flags.DEFINE_string('input-source', 'interactive', "'interactive' (prompts from stdin, answers "
                                     'streamed) or a text file with one prompt per line.')
 _OUTPUT_PATH = flags.DEFINE_string('output-path', 'samples', 'File mode: directory receiving <input file name>.jsonl.')
@@ -91,6 +94,7 @@ def read_args():
   import types
   return types.SimpleNamespace(
       checkpoint=_CHECKPOINT.value, tokenizer=_TOKENIZER.value, input_source=_INPUT_SOURCE.value,
+      quantization_bit_width=None if _QUANTIZATION.value is None else int(_QUANTIZATION.value),
       output_path=_OUTPUT_PATH.value, out_seq_length=_OUT_SEQ_LENGTH.value, min_gen_length=_MIN_GEN_LENGTH.value,
       sampling_strategy=_STRATEGY.value, num_beams=_NUM_BEAMS.value, length_penalty=_LENGTH_PENALTY.value,
       no_repeat_ngram_size=_NO_REPEAT.value, print_all_beams=_PRINT_ALL_BEAMS.value, top_k=_TOP_K.value,
@@ -232,7 +236,11 @@ def main(argv) -> int:
     from glm_jax.model import GLM
     mesh = sharding.make_mesh(args.mesh)
     sharding.check_mesh_fits(GLM(config.model), config.model, sharding.axis_rules(config), dict(mesh.shape))
-  gen = api.Generator.load(args.checkpoint, tokenizer, mesh=mesh)
+  try:
+    api.quantized_format(config.get('weight_format', 'in_out'), args.quantization_bit_width)
+  except ValueError as e:
+    raise UsageError(f'--quantization-bit-width: {e}') from None
+  gen = api.Generator.load(args.checkpoint, tokenizer, mesh=mesh, quantization_bit_width=args.quantization_bit_width)
   if records is not None:
     return run_file(gen, records, options, args)
   return run_interactive(gen, options, args)

@@ -19,7 +19,7 @@ from glm_jax import GLM, from_sat_state_dict, init_params, rope, weights
 from glm_jax.model import GLMConfig, weight_specs
 from quantize import kernels
 from tests import sat_reference as R
-from tests.conftest import PARITY_MODEL, load_config
+from tests.conftest import PARITY_MODEL, REPO, load_config, subprocess_env
 
 torch.set_num_threads(1)
 LINEARS = ('attention.query_key_value', 'attention.dense', 'mlp.dense_h_to_4h', 'mlp.dense_4h_to_h')
@@ -256,3 +256,96 @@ def test_kernels_lower_for_their_platform(platform):
                                  disabled_checks=checks)(*args)
     text = exported.mlir_module()
     assert ('tpu_custom_call' if platform == 'tpu' else 'triton') in text, (bits, dtype, m, groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantized checkpoints and decoding
+
+
+@pytest.fixture(scope='module')
+def float_checkpoint(tmp_path_factory):
+  import shutil  # noqa: PLC0415
+  from glm_jax import save_model  # noqa: PLC0415
+  from glm_jax.tokenizer import GLMTokenizer  # noqa: PLC0415
+  from tests.tokenizer_fixtures import train_tiny_tokenizer  # noqa: PLC0415
+  tmp = tmp_path_factory.mktemp('quantize')
+  tok_path = train_tiny_tokenizer(tmp, 'compact')
+  config = load_config('tiny', num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=170,
+                       vocab_size=GLMTokenizer.load(tok_path).vocab_size, max_sequence_length=128)
+  params = jax.tree.map(np.asarray, init_params(GLM(config.model), config.model, jax.random.key(3)))
+  path = save_model(tmp / 'float', params, config)
+  shutil.copy(tok_path, path / 'tokenizer.model')
+  shutil.copy(tok_path.with_suffix('.json'), path / 'tokenizer.json')
+  return path, params, config
+
+
+def _quantize_script(*args):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  return subprocess.run([sys.executable, 'launch/quantize.py', *map(str, args)], cwd=REPO, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_offline_quantized_checkpoint_holds_the_release_arrays(float_checkpoint, tmp_path):
+  from glm_jax import load_model  # noqa: PLC0415
+  from quantize.checkpoint import quantize_checkpoint  # noqa: PLC0415
+  path, params, config = float_checkpoint
+  run = _quantize_script('--checkpoint', path, '--bits', 4, '--out', tmp_path / 'q4')
+  assert run.returncode == 0 and 'wrote int4 checkpoint' in run.stdout, run.stderr
+  loaded, qconfig = load_model(tmp_path / 'q4')
+  assert qconfig.weight_format == 'int4' and (tmp_path / 'q4' / 'tokenizer.model').is_file()
+  specs = weight_specs(GLMConfig.make(config.model))
+  for module, name in OURS.values():
+    for layer in range(2):
+      w_OxI = specs[name].o_by_i(params['layers'][module][name][layer])
+      q, scale = quantize.quantize_weight(w_OxI, 4)
+      np.testing.assert_array_equal(np.asarray(loaded['layers'][module][name]['q'][layer]), q)
+      np.testing.assert_array_equal(np.asarray(loaded['layers'][module][name]['scale'][layer])[:, 0], scale)
+  np.testing.assert_array_equal(np.asarray(loaded['word_embeddings']), params['word_embeddings'])  # kept in fp32
+  np.testing.assert_array_equal(np.asarray(loaded['layers']['attention']['qkv_bias']),
+                                params['layers']['attention']['qkv_bias'])  # biases kept
+
+  # errors: one line, exit 2 (the script's); the library's ValueErrors name what is wrong
+  run = _quantize_script('--checkpoint', path, '--bits', 3, '--out', tmp_path / 'x')
+  assert run.returncode == 2 and run.stderr.startswith('quantize.py: error:') and '--bits' in run.stderr
+  assert len(run.stderr.strip().splitlines()) == 1
+  with pytest.raises(ValueError, match=r'quantized already \(int4\)'):
+    quantize_checkpoint(tmp_path / 'q4', tmp_path / 'again', 8, progress=False)
+  with pytest.raises(ValueError, match='group size 48 does not divide'):
+    quantize_checkpoint(path, tmp_path / 'x', 4, group_size=48, progress=False)
+  assert not (tmp_path / 'x').exists()
+
+
+def test_quantized_decoding_equals_the_dequantized_float_model(float_checkpoint, tmp_path):
+  """Greedy tokens of the INT4 and INT8 decoders (quantized while loading, or from an offline checkpoint) equal
+  those of a float32 decoder given the exact dequantized weights q * scale: the quantized product is that matmul."""
+  from glm_jax.generation.api import Generator  # noqa: PLC0415
+  from glm_jax.tokenizer import GLMTokenizer  # noqa: PLC0415
+  from quantize.checkpoint import quantize_checkpoint  # noqa: PLC0415
+  path, params, config = float_checkpoint
+  tok = GLMTokenizer.load(path / 'tokenizer.model')
+  specs = weight_specs(GLMConfig.make(config.model))
+  prompts = ['The quick brown [MASK] jumps.', 'Once upon a time']
+  for bits in (4, 8):
+    quantized = Generator.load(path, quantization_bit_width=bits)
+    assert quantized.decoder.weight_format == f'int{bits}'
+    q_params = weights.convert_params(params, specs, f'int{bits}')
+
+    def exact(module, name):
+      stored = q_params['layers'][module][name]
+      w = np.stack([np.asarray(kernels.dequantize(stored['q'][i], stored['scale'][i], bits, jnp.float32))
+                    for i in range(2)])
+      return np.stack([specs[name].from_o_by_i(w[i]) for i in range(2)])
+    float_params = jax.tree.map(lambda a: a, params)
+    for module, name in OURS.values():
+      float_params['layers'][module][name] = exact(module, name)
+    reference = Generator(float_params, config, tok)
+    ours = quantized.generate(prompts, out_seq_length=40, strategy='BaseStrategy', top_k=1)
+    assert ours == reference.generate(prompts, out_seq_length=40, strategy='BaseStrategy', top_k=1), bits
+  quantize_checkpoint(path, tmp_path / 'q8', 8, progress=False)
+  offline = Generator.load(tmp_path / 'q8')
+  assert offline.decoder.weight_format == 'int8'
+  assert offline.generate(prompts, out_seq_length=40, top_k=1) == Generator.load(
+      path, quantization_bit_width=8).generate(prompts, out_seq_length=40, top_k=1)
+  with pytest.raises(ValueError, match='quantized to 8 bits .* cannot be decoded at --quantization-bit-width 4'):
+    Generator.load(tmp_path / 'q8', quantization_bit_width=4)

@@ -126,6 +126,21 @@ def load_tokenizer_and_config(checkpoint: str | Path, tokenizer=None):
   return tok, config
 
 
+def quantized_format(stored_format: str, quantization_bit_width: int | None) -> str | None:
+  """The quantized format to decode in: the checkpoint's own if it is quantized (a different bit width asked for
+  is an error: requantizing quantized weights is not exact), else int<bits> per output row, else None."""
+  import quantize
+  if quantize.is_quantized(stored_format):
+    bits = int(stored_format[3])
+    if quantization_bit_width not in (None, bits):
+      raise ValueError(f'the checkpoint is quantized to {bits} bits ({stored_format}); it cannot be decoded at '
+                       f'--quantization-bit-width {quantization_bit_width}')
+    return stored_format
+  if quantization_bit_width is None:
+    return None
+  return quantize.format_name(quantization_bit_width)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The generator
 
@@ -133,12 +148,14 @@ def load_tokenizer_and_config(checkpoint: str | Path, tokenizer=None):
 class Generator:
   """A model, its parameters and tokenizer, with compiled programs cached on the instance (see module docstring)."""
 
-  def __init__(self, params, config, tokenizer: GLMTokenizer, *, mesh=None):
+  def __init__(self, params, config, tokenizer: GLMTokenizer, *, mesh=None, quantization_bit_width: int | None = None):
     """params: the parameters (numpy or jax; a tree, or the (name, subtree) iterator of
     model_io.read_params_by_layer), their big matrices in config.weight_format (default: the checkpoint layout);
     converted once into the decoder's format and not kept (drop your reference to hold one copy). config: the run
     config (its axis_rules place the weights on `mesh`) or a model config. mesh: an optional device mesh
-    (sharding.make_mesh) to decode and score on, the weights split by the axis rules."""
+    (sharding.make_mesh) to decode and score on, the weights split by the axis rules. quantization_bit_width: 4 or
+    8 quantizes the four layer matrices as GLM-130B does (quantize/), one layer at a time as they are converted; a
+    checkpoint quantized already (launch/quantize.py) decodes in its own format without it."""
     self.config = config
     self.model_config = GLMConfig.make(config.model if hasattr(config, 'model') else config)
     if tokenizer.vocab_size > self.model_config.vocab_size:
@@ -149,26 +166,27 @@ class Generator:
     if mesh is not None:
       rules = sharding.axis_rules(config if hasattr(config, 'axis_rules') else default_config())
     self.special_ids = blanks_lib.special_ids(tokenizer)
-    self._decoder = Decoder(self.model_config, mesh=mesh, rules=rules)
+    stored_format = config.get('weight_format', 'in_out') if hasattr(config, 'get') else 'in_out'
+    quantized = quantized_format(stored_format, quantization_bit_width)
+    self._decoder = Decoder(self.model_config, mesh=mesh, rules=rules, quantized=quantized)
     # the one copy: per layer, in the decoder's weight format
-    self.weights = self._decoder.prepare(params, config.get('weight_format', 'in_out') if hasattr(config, 'get')
-                                         else 'in_out')
+    self.weights = self._decoder.prepare(params, stored_format)
 
   @classmethod
   def load(cls, checkpoint: str | Path, tokenizer: str | Path | GLMTokenizer | None = None, *,
-           mesh=None) -> 'Generator':
+           mesh=None, quantization_bit_width: int | None = None) -> 'Generator':
     """From a glm-jax model checkpoint or a training run directory (model_io.load_model). The tokenizer defaults to
     <checkpoint>/tokenizer.model (a training run keeps its tokenizer there); ValueError naming what is missing.
     mesh: as for the constructor; each weight is read straight into its shards (no host holds the whole model).
     Without a mesh the checkpoint is read one layer at a time (model_io.read_params_by_layer), each layer converted
-    to the decoder's format before the next is read."""
+    to the decoder's format (quantized, with quantization_bit_width) before the next is read."""
     from glm_jax.model_io import load_model, read_params_by_layer
     tok, _ = load_tokenizer_and_config(checkpoint, tokenizer)
     if mesh is None:  # layer by layer from the files, each converted before the next is read
       config, params = read_params_by_layer(checkpoint)
     else:  # each weight's shards straight onto the devices
       params, config = load_model(checkpoint, mesh=mesh)
-    return cls(params, config, tok, mesh=mesh)
+    return cls(params, config, tok, mesh=mesh, quantization_bit_width=quantization_bit_width)
 
   @property
   def max_sequence_length(self) -> int:

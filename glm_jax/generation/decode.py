@@ -21,7 +21,7 @@ lengths and max_gen_length fall in the same buckets reuse one compiled program.
 
 Weights: `Decoder.prepare` converts checkpoint-layout params, once, into what the decoder runs: per-layer arrays in
 the weight format `decode_format` picks (glm_jax/weights.py: 'packed' for the CPU kernels when decoding float32 on CPU
-without a mesh, else output-major 'out_in'). `generate` and `score` take that tree; the decoder keeps no copy. With
+without a mesh, else output-major 'out_in'; or the quantized format asked for, quantize/formats.py). `generate` and `score` take that tree; the decoder keeps no copy. With
 `Decoder(..., mesh=, rules=)` the weights are placed on the mesh by the axis rules and the programs run under it.
 
 Streaming: `generate(..., on_tokens=f)` (greedy / sampling) calls f(step, tokens [B]) from inside the compiled loop
@@ -191,31 +191,34 @@ def _take_last(x, i):
   return jax.lax.dynamic_slice_in_dim(x, i, 1, axis=x.ndim - 1)
 
 
-def decode_format(cfg: GLMConfig, mesh=None) -> tuple[str, Callable | None]:
+def decode_format(cfg: GLMConfig, mesh=None, quantized: str | None = None) -> tuple[str, Callable | None]:
   """The one place that decides how decoding runs a model: (weight format, decode-step attention or None for XLA's).
   The CPU kernels (glm_jax/cpu_kernels.py: the 'packed' format and the decode attention) for float32 on CPU without
-  a mesh, where they build; elsewhere output-major 'out_in' weights and XLA's attention."""
+  a mesh, where they build; elsewhere output-major 'out_in' weights and XLA's attention. `quantized`: a quantized
+  format name (quantize/formats.py: 'int4', 'int8-g128', ...), which then stores the weights."""
   on_cpu = (mesh is None and jax.default_backend() == 'cpu' and cfg.dtype == 'float32'
             and cfg.param_dtype == 'float32' and cpu_kernels.available())
-  if not on_cpu:
-    return 'out_in', None
-  return 'packed', functools.partial(cpu_kernels.decode_context, reference=attention_context,
-                                     masked_score=MASKED_SCORE)
+  attention = functools.partial(cpu_kernels.decode_context, reference=attention_context,
+                                masked_score=MASKED_SCORE) if on_cpu else None
+  if quantized is not None:
+    return quantized, attention
+  return ('packed' if on_cpu else 'out_in'), attention
 
 
 class Decoder:
   """Holds the jit-compiled prefill + decode loop for one model; reuse it across calls (see module docstring)."""
 
-  def __init__(self, config_model, *, mesh=None, rules=None):
+  def __init__(self, config_model, *, mesh=None, rules=None, quantized: str | None = None):
     """mesh / rules (sharding.make_mesh, sharding.axis_rules): decode on a device mesh. The weights are placed by the
     rules (e.g. heads, GeGLU width and vocabulary over 'tensor'), the batch and the cache follow the model's
-    activation constraints, and each program runs under the mesh. Without a mesh: the default device."""
+    activation constraints, and each program runs under the mesh. Without a mesh: the default device.
+    quantized: decode with weights in this quantized format ('int4', 'int8', 'int4-g128', ...: quantize/)."""
     self.cfg = dataclasses.replace(GLMConfig.make(config_model), scan_layers=False, remat_policy='none')
     if (mesh is None) != (rules is None):
       raise ValueError('Decoder: give both mesh and rules (sharding.make_mesh, sharding.axis_rules), or neither')
     # Per-layer weights (no per-layer copy out of a stacked array at every step; each layer's cache updated in place)
     # in the format decode_format picks.
-    self.weight_format, attention = decode_format(self.cfg, mesh)
+    self.weight_format, attention = decode_format(self.cfg, mesh, quantized)
     self.model = GLM(self.cfg, weight_format=self.weight_format, decode_attention=attention)
     self.mesh, self.rules = mesh, rules
     self._shardings = None
