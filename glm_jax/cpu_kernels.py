@@ -1,4 +1,4 @@
-"""Two XLA FFI kernels for decoding on CPU (C++ sources in glm_jax/csrc/), built on first use.
+"""Three XLA FFI kernels for decoding on CPU (C++ sources in glm_jax/csrc/), built on first use.
 
 decode_context: a decode step's attention, reading only the cache columns that each row's mask allows. XLA:CPU
 computes it as batched matrix-vector products over the whole padded cache (prompt bucket + generation bucket, on one
@@ -14,7 +14,12 @@ core's FMA peak nor its bandwidth and reads the weight as one stream; the kernel
 reads three tiles side by side (see packed_matmul.cc; benchmarks/decode_vs_sat.py --profile, with and without
 GLM_JAX_CPU_KERNELS=0, compares the two).
 
-Both are compiled with the system C++ compiler ($CXX, else g++) against jax's FFI headers into one library, cached
+quantized_matmul: x @ W.T for GLM-130B's INT8 / INT4 weights (quantize/format.py's layout, the formats of
+quantize/formats.py), converted to float in registers as they are read: a decode step reads an eighth (INT4) of the
+fp32 bytes. XLA's own formulation dequantizes the whole matrix into memory on every call (measured about 15x slower
+than an fp32 matrix-vector product for INT8).
+
+All are compiled with the system C++ compiler ($CXX, else g++) against jax's FFI headers into one library, cached
 under $GLM_JAX_CACHE (default ~/.cache/glm_jax). They need an x86-64 CPU with AVX2 and FMA. Without a compiler or such
 a CPU, or with GLM_JAX_CPU_KERNELS=0, `available()` is False (a failed build says why in a warning, once): decoding
 then keeps XLA's attention and the 'out_in' format (the decoder's `decode_format` decides). The attention kernel is
@@ -43,9 +48,11 @@ import numpy as np
 
 from glm_jax import weights
 
-_SOURCES = tuple(Path(__file__).parent / 'csrc' / name for name in ('decode_attention.cc', 'packed_matmul.cc'))
+_SOURCES = tuple(Path(__file__).parent / 'csrc' / name
+                 for name in ('decode_attention.cc', 'packed_matmul.cc', 'quantized_matmul.cc'))
 _HEADERS = (Path(__file__).parent / 'csrc' / 'parallel.h',)
-_TARGETS = {'glm_jax_decode_attention': 'GlmDecodeAttention', 'glm_jax_packed_matmul': 'GlmPackedMatmul'}
+_TARGETS = {'glm_jax_decode_attention': 'GlmDecodeAttention', 'glm_jax_packed_matmul': 'GlmPackedMatmul',
+            'glm_jax_quantized_matmul': 'GlmQuantizedMatmul'}
 TILE_ROWS = 4  # rows of W per tile of the packed layout (kRows in packed_matmul.cc)
 _FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-shared', '-fPIC')
 _lock = threading.Lock()
@@ -205,3 +212,25 @@ class PackedWeight(weights.Weight):
 
   def to_checkpoint(self):
     return self.spec.from_o_by_i(unpack(self.w, self.spec.o))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantized products (quantize/formats.py's 'int8' / 'int4' formats on CPU)
+
+QUANTIZED_MAX_ROWS = 16  # decode-sized products; more rows (prefill) are compute-bound: XLA's GEMM on dequantized W
+
+
+def quantized_matmul(x_MxI, q, scale_OxG, bits: int, *, reference):
+  """x [M, I] @ dequant(q, scale).T -> [M, O] float32 with the kernel on CPU for float32 x and at most
+  QUANTIZED_MAX_ROWS rows; `reference` (same arguments and bits=) elsewhere."""
+  m, _ = x_MxI.shape
+  o = q.shape[0]
+  if not (m <= QUANTIZED_MAX_ROWS and x_MxI.dtype == jnp.float32 and available()):
+    return reference(x_MxI, q, scale_OxG, bits=bits)
+
+  def kernel(x, q, scale):
+    return jax.ffi.ffi_call('glm_jax_quantized_matmul', jax.ShapeDtypeStruct((m, o), jnp.float32))(
+        x, q, scale.astype(jnp.float32), bits=np.int64(bits))
+
+  return jax.lax.platform_dependent(x_MxI, q, scale_OxG, cpu=kernel,
+                                    default=functools.partial(reference, bits=bits))

@@ -31,6 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from glm_jax import cpu_kernels
+
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
@@ -214,8 +216,9 @@ def kernel_applies(backend: str, bits: int, i: int, g: int, blocks: Blocks) -> b
 
 def quantized_matmul(x_MxI, q, scale_OxG, bits: int):
   """x [M, I] @ dequant(q, scale).T -> [M, O] float32: the Pallas kernel for the backend (GPU: Triton, TPU:
-  Mosaic) where its block sizes fit the groups, the XLA formulation elsewhere (CPU, or under a device mesh, where
-  XLA's partitioner places the product: a Pallas call is one opaque op to it)."""
+  Mosaic) where its block sizes fit the groups; on CPU glm_jax/cpu_kernels.py's for decode-sized float32 products;
+  the XLA formulation elsewhere (prefill on CPU, or under a device mesh, where XLA's partitioner places the product:
+  a custom call is one opaque op to it)."""
   m, i = x_MxI.shape
   g = scale_OxG.shape[1]
   if not jax.sharding.get_abstract_mesh().empty:
@@ -226,5 +229,6 @@ def quantized_matmul(x_MxI, q, scale_OxG, bits: int):
     blocks = default_blocks(backend, m, None if g == 1 else i // g)
     if kernel_applies(backend, bits, i, g, blocks):
       branches[platform] = functools.partial(kernel, bits=bits, blocks=blocks)
+  branches['cpu'] = functools.partial(cpu_kernels.quantized_matmul, bits=bits, reference=xla_matmul)
   return jax.lax.platform_dependent(x_MxI, q, scale_OxG, **branches,
                                     default=functools.partial(xla_matmul, bits=bits))

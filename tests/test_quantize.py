@@ -349,3 +349,25 @@ def test_quantized_decoding_equals_the_dequantized_float_model(float_checkpoint,
       path, quantization_bit_width=8).generate(prompts, out_seq_length=40, top_k=1)
   with pytest.raises(ValueError, match='quantized to 8 bits .* cannot be decoded at --quantization-bit-width 4'):
     Generator.load(tmp_path / 'q8', quantization_bit_width=4)
+
+
+@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
+@pytest.mark.parametrize('bits', [4, 8])
+def test_cpu_kernel_is_the_exact_dequantized_product(bits):
+  """glm_jax/csrc/quantized_matmul.cc against x @ (q * scale).T in float64, to float32 summation error, for every
+  block of rows it picks (4, 2, 1 and their sums), output rows in and out of its streams, groups and group tails."""
+  from glm_jax import cpu_kernels  # noqa: PLC0415
+  rng = np.random.default_rng(bits)
+  for o, i, group in ((37, 70, None), (64, 512, 128), (33, 682, None), (50, 96, 24)):
+    q, scale = quantize.quantize_weight(rng.normal(size=(o, i)).astype(np.float16), bits, group)
+    scale_OxG = scale.reshape(o, -1)
+    values = quantize.unpack_int4(q) if bits == 4 else q
+    w64 = values.astype(np.float64) * np.repeat(scale_OxG.astype(np.float64), i // scale_OxG.shape[1], axis=1)
+    product = jax.jit(lambda x, q, s: cpu_kernels.quantized_matmul(x, q, s, bits, reference=kernels.xla_matmul))
+    for m in (1, 2, 3, 4, 7, 8, 13, 16):
+      x = rng.normal(size=(m, i)).astype(np.float32)
+      assert 'glm_jax_quantized_matmul' in product.lower(x, q, scale_OxG).as_text()  # the kernel, not the fallback
+      y = np.asarray(product(x, q, scale_OxG))
+      exact = x.astype(np.float64) @ w64.T
+      bound = 2 * i * 2.0 ** -24 * (np.abs(x) @ np.abs(w64).T)
+      assert (np.abs(y - exact) <= bound).all(), (o, i, group, m)
