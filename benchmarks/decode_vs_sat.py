@@ -145,14 +145,6 @@ def code_state(glm_jax_dir):
     return glm_jax_dir
 
 
-def timed(fn):
-  """(result, wall seconds, process CPU seconds) of one call."""
-  c0, w0 = time.process_time(), time.perf_counter()
-  out = fn()
-  w1, c1 = time.perf_counter(), time.process_time()
-  return out, w1 - w0, c1 - c0
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompts and SAT's generation loop
 
@@ -240,64 +232,6 @@ def sat_generate(torch, model, update_mems, batch, n_new, margins=False, sync=la
 # Bandwidth and FLOP/s probes
 
 
-class Probes:
-  """fp32 read rates (matvec in numpy / torch / jax, the packed decode kernel at one row, a four-stream sum), a
-  numpy copy rate and jax's fp32 matmul FLOP/s on a square 2048 x 2048 product (the peak); keeps the best of each."""
-
-  def __init__(self, np, torch, jax, jnp, mb, seed):
-    n = int((mb * 2 ** 20 / 4) ** 0.5)
-    rng = np.random.default_rng(seed)
-    self.nbytes = n * n * 4
-    w = rng.standard_normal((n, n), dtype=np.float32)
-    x = rng.standard_normal(n, dtype=np.float32)
-    x8 = rng.standard_normal((n, 8), dtype=np.float32)
-    wt, xt, x8t = torch.from_numpy(w), torch.from_numpy(x), torch.from_numpy(x8)
-    wj, xj, x8j = jnp.asarray(w), jnp.asarray(x), jnp.asarray(x8)
-    mv = jax.jit(jnp.matmul)
-    mv(wj, xj).block_until_ready()
-    mv(wj, x8j).block_until_ready()
-    src = rng.standard_normal(n * n, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in
-    self.n = n
-    self.probes = {
-        'matvec numpy': (lambda: w @ x, 1),
-        'matvec torch': (lambda: torch.mv(wt, xt), 1),
-        'matvec jax': (lambda: mv(wj, xj).block_until_ready(), 1),
-        'W@X[:, 8] torch': (lambda: torch.mm(wt, x8t), 1),
-        'W@X[:, 8] jax': (lambda: mv(wj, x8j).block_until_ready(), 1),
-        'copy numpy (read+write)': (lambda: np.copyto(dst, src), 2),
-    }
-    from glm_jax import cpu_kernels
-    if cpu_kernels.available():  # the decode step's own kernel, at one row
-      wp, x1 = jnp.asarray(cpu_kernels.pack(w)), jnp.asarray(x[None])
-      packed = jax.jit(lambda x, w: cpu_kernels.packed_matmul(x, w, n))
-      packed(x1, wp).block_until_ready()
-      self.probes['packed matvec jax'] = (lambda: packed(x1, wp).block_until_ready(), 1)
-    quarters = [jnp.asarray(q) for q in np.split(src[:4 * (src.size // 4)], 4)]
-    sum4 = jax.jit(lambda a, b, c, d: a.sum() + b.sum() + c.sum() + d.sum())
-    sum4(*quarters).block_until_ready()
-    self.probes['4-stream sum jax'] = (lambda: sum4(*quarters).block_until_ready(), 1)
-    self.best = {k: 0.0 for k in self.probes}
-    a = jnp.asarray(rng.standard_normal((2048, 2048), dtype=np.float32))
-    mm = jax.jit(jnp.matmul)
-    mm(a, a).block_until_ready()
-    self.matmul = lambda: mm(a, a).block_until_ready()
-    self.peak_flops = 0.0
-
-  def probe(self):
-    for k, (fn, factor) in self.probes.items():
-      _, w, _ = timed(fn)
-      self.best[k] = max(self.best[k], factor * self.nbytes / w)
-    _, w, _ = timed(self.matmul)
-    self.peak_flops = max(self.peak_flops, 2 * 2048 ** 3 / w)
-
-  @property
-  def bandwidth(self):
-    k = max((k for k in self.best if not k.startswith('copy')), key=self.best.get)
-    return self.best[k], k
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Main
 
@@ -345,7 +279,7 @@ def main(argv=None):
         f'F={cfg.inner_hidden_size} V={cfg.vocab_size}, {n_params / 1e6:.1f}M parameters ({weight_bytes / 1e6:.0f} MB '
         f'fp32); SAT built and converted in {time.perf_counter() - t0:.1f} s')
 
-  bw = Probes(np, torch, jax, jnp, args.bw_mb, args.seed)
+  bw = common.Probes(np, torch, jax, jnp, args.bw_mb, args.seed)
   for _ in range(2):
     bw.probe()
 
@@ -373,7 +307,7 @@ def main(argv=None):
       return decoder.generate(params, contexts, masks, True, max_gen_length=n, strategy=D.GREEDY, end_tokens=())
 
     # ---------------------------------------------------------------------------------------- compile and parity
-    out, compile_s, _ = timed(lambda: run_jax(n_new))
+    out, compile_s, _ = common.timed(lambda: run_jax(n_new))
     run_jax(m_short)
     ours = np.array(out.tokens)
     ref, sat_prefill_s, sat_decode_s, margin = sat_generate(torch, sat_model, update_mems, batch, n_new, margins=True)
@@ -408,14 +342,15 @@ def main(argv=None):
       order = ('jax', 'sat') if r % 2 == 0 else ('sat', 'jax')
       for which in order:
         if which == 'jax':
-          _, w, c = timed(lambda: run_jax(n_new))
-          _, w2, c2 = timed(lambda: run_jax(m_short))
+          _, w, c = common.timed(lambda: run_jax(n_new))
+          _, w2, c2 = common.timed(lambda: run_jax(m_short))
           rec['jax_full'].append(w)
           rec['jax_full_cpu'].append(c)
           rec['jax_step'].append((w - w2) / (n_new - m_short))
           rec['jax_step_cpu'].append((c - c2) / (n_new - m_short))
         else:
-          (_, pre, dec, _), w, c = timed(lambda: sat_generate(torch, sat_model, update_mems, batch, n_new))
+          (_, pre, dec, _), w, c = common.timed(
+              lambda: sat_generate(torch, sat_model, update_mems, batch, n_new))
           rec['sat_full'].append(w)
           rec['sat_full_cpu'].append(c)
           rec['sat_prefill'].append(pre)

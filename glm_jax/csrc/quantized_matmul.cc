@@ -66,30 +66,31 @@ __attribute__((noinline)) void rows(const QProblem& P, int64_t o0, int64_t count
         for (int s = 0; s < S; ++s)
           for (int h = 0; h < H; ++h) acc[m][s][h] = _mm256_setzero_ps();
       int64_t b = b0;
+      // Each weight vector is converted right before its FMAs (x for every row loaded first), which keeps all the
+      // accumulators in registers (16 ymm under AVX2).
       for (; b + step <= b1; b += step) {
-        __m256 w[S][2];  // the step's weights as float: INT8 [h], INT4 [hi, lo]
-        for (int s = 0; s < S; ++s) {
-          if constexpr (Bits == 8) {
-            for (int h = 0; h < H; ++h) w[s][h] = _mm256_cvtepi32_ps(load8_sign_extended(qr[s] + b + 8 * h));
-          } else {
-            const __m256i v = load8_sign_extended(qr[s] + b);
-            w[s][0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4));
-            w[s][1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
-          }
-        }
-        for (int m = 0; m < MB; ++m) {
-          const int64_t at = (m0 + m) * P.ldx + b;
-          if constexpr (Bits == 8) {
-            for (int h = 0; h < H; ++h) {
-              const __m256 xv = _mm256_loadu_ps(P.xa + at + 8 * h);
-              for (int s = 0; s < S; ++s) acc[m][s][h] = _mm256_fmadd_ps(w[s][h], xv, acc[m][s][h]);
-            }
-          } else {
-            const __m256 xe = _mm256_loadu_ps(P.xa + at), xo = _mm256_loadu_ps(P.xb + at);
+        if constexpr (Bits == 8) {
+          for (int h = 0; h < H; ++h) {
+            __m256 xv[MB];
+            for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(P.xa + (m0 + m) * P.ldx + b + 8 * h);
             for (int s = 0; s < S; ++s) {
-              acc[m][s][0] = _mm256_fmadd_ps(w[s][0], xe, acc[m][s][0]);
-              acc[m][s][H - 1] = _mm256_fmadd_ps(w[s][1], xo, acc[m][s][H - 1]);
+              const __m256 w = _mm256_cvtepi32_ps(load8_sign_extended(qr[s] + b + 8 * h));
+              for (int m = 0; m < MB; ++m) acc[m][s][h] = _mm256_fmadd_ps(w, xv[m], acc[m][s][h]);
             }
+          }
+        } else {
+          __m256i v[S];
+          for (int s = 0; s < S; ++s) v[s] = load8_sign_extended(qr[s] + b);
+          __m256 xv[MB];
+          for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(P.xa + (m0 + m) * P.ldx + b);
+          for (int s = 0; s < S; ++s) {  // high nibbles: the even columns
+            const __m256 w = _mm256_cvtepi32_ps(_mm256_srai_epi32(v[s], 4));
+            for (int m = 0; m < MB; ++m) acc[m][s][0] = _mm256_fmadd_ps(w, xv[m], acc[m][s][0]);
+          }
+          for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(P.xb + (m0 + m) * P.ldx + b);
+          for (int s = 0; s < S; ++s) {  // low nibbles: the odd columns
+            const __m256 w = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v[s], 28), 28));
+            for (int m = 0; m < MB; ++m) acc[m][s][H - 1] = _mm256_fmadd_ps(w, xv[m], acc[m][s][H - 1]);
           }
         }
       }
