@@ -216,8 +216,13 @@ def _sharded_targets(stored, config, mesh, params_dir: Path):
 
 def read_sat_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
   """A SAT checkpoint (folder with `latest`, an iteration folder, or one .pt file) -> one merged TP=1 state dict."""
-  import torch  # the PyTorch side is only needed here
   from glm_jax.sat_convert import merge_tensor_parallel
+  return merge_tensor_parallel(read_sat_shards(path))
+
+
+def read_sat_shards(path: str | Path) -> list[dict]:
+  """The per-rank state dicts of a SAT checkpoint (rank order), each loaded with weights_only=True."""
+  import torch  # the PyTorch side is only needed here
 
   path = Path(path)
   if path.is_file():
@@ -238,14 +243,21 @@ def read_sat_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     if not isinstance(sd, dict):
       raise ValueError(f"{f}: expected a dict with a 'module' state dict")
     shards.append(sd)
-  return merge_tensor_parallel(shards)
+  return shards
 
 
 def write_sat_checkpoint(directory: str | Path, state_dict: dict, *, tp: int = 1, iteration: int = 0,
                          dtype: str = 'float16') -> Path:
   """Writes a SAT checkpoint folder (`latest` + `<iteration>/mp_rank_XX_model_states.pt`), atomically."""
-  import torch
   from glm_jax.sat_convert import split_tensor_parallel
+  return write_sat_shards(directory, split_tensor_parallel(state_dict, tp), iteration=iteration, dtype=dtype)
+
+
+def write_sat_shards(directory: str | Path, shards: list[dict], *, iteration: int = 0,
+                     dtype: str = 'float16') -> Path:
+  """Writes per-rank state dicts as a SAT checkpoint folder, atomically: floating-point arrays in `dtype`, integer
+  ones (quantized weights) as they are; a `..._scale` array (quantization scales) stays float16."""
+  import torch
 
   directory = Path(directory).resolve()
   if directory.exists():
@@ -255,9 +267,15 @@ def write_sat_checkpoint(directory: str | Path, state_dict: dict, *, tp: int = 1
   torch_dtype = {'float16': torch.float16, 'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
   try:
     (tmp / str(iteration)).mkdir()
-    for rank, shard in enumerate(split_tensor_parallel(state_dict, tp)):
-      tensors = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v, np.float32))).to(torch_dtype)
-                 for k, v in shard.items()}
+    for rank, shard in enumerate(shards):
+      tensors = {}
+      for k, v in shard.items():
+        v = np.asarray(v)
+        if np.issubdtype(v.dtype, np.integer):
+          tensors[k] = torch.from_numpy(np.ascontiguousarray(v))
+        else:
+          dt = torch.float16 if k.endswith('_scale') else torch_dtype
+          tensors[k] = torch.from_numpy(np.ascontiguousarray(v.astype(np.float32))).to(dt)
       torch.save({'module': tensors}, tmp / str(iteration) / f'mp_rank_{rank:02d}_model_states.pt')
     (tmp / 'latest').write_text(str(iteration))
     os.replace(tmp, directory)

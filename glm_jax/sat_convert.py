@@ -32,6 +32,12 @@ from glm_jax.model import GLMConfig, weight_specs
 
 # Keys SAT may carry that hold no parameters (loading ignores them; the rotary table is always rebuilt).
 IGNORED_KEY = re.compile(r'(^|\.)rotary_emb\.inv_freq$|^mixins\.rotary-embedding\.')
+# The four matrices of a layer, by SAT key suffix and glm-jax leaf: what GLM-130B's quantization replaces
+# (`weight` int8 + `weight_scale`; quantize/sat.py converts those).
+LAYER_MATRICES = {'attention.query_key_value.weight': ('attention', 'qkv_kernel'),
+                  'attention.dense.weight': ('attention', 'dense_kernel'),
+                  'mlp.dense_h_to_4h.weight': ('mlp', 'h_to_4h_kernel'),
+                  'mlp.dense_4h_to_h.weight': ('mlp', '4h_to_h_kernel')}
 
 
 def _layer_mappings(cfg: GLMConfig):
@@ -76,7 +82,7 @@ def _expected_sat_shapes(cfg: GLMConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _to_numpy(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
   if hasattr(x, 'detach'):  # a torch tensor; bf16 has no numpy dtype, so go through fp32
     x = x.detach().cpu()
     if str(x.dtype) == 'torch.bfloat16':
@@ -85,13 +91,21 @@ def _to_numpy(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def from_sat_state_dict(state_dict, model_config) -> dict:
+def is_layer_matrix(key: str) -> bool:
+  return any(key.endswith(f'.{suffix}') or key.endswith(f'.{suffix}_scale') for suffix in LAYER_MATRICES)
+
+
+def from_sat_state_dict(state_dict, model_config, *, layer_matrices: bool = True) -> dict:
   """SAT `GLM130B` state dict (TP=1; numpy arrays or torch tensors) -> glm-jax params (numpy, param_dtype).
 
-  Strict: a missing key, an unexpected key or a wrong shape raises a ValueError naming it.
+  Strict: a missing key, an unexpected key or a wrong shape raises a ValueError naming it. layer_matrices=False
+  leaves the four matrices of each layer (LAYER_MATRICES, and their `_scale` keys) to the caller: quantize/sat.py.
   """
   cfg = GLMConfig.make(model_config)
   expected = _expected_sat_shapes(cfg)
+  if not layer_matrices:
+    expected = {k: v for k, v in expected.items() if not is_layer_matrix(k)}
+    state_dict = {k: v for k, v in state_dict.items() if not is_layer_matrix(k)}
   keys = {k for k in state_dict if not IGNORED_KEY.search(k)}
   missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
   if missing or unexpected:
@@ -100,13 +114,15 @@ def from_sat_state_dict(state_dict, model_config) -> dict:
                      f'{" ..." if len(unexpected) > 8 else ""}')
   arrays = {}
   for key, shape in expected.items():
-    a = _to_numpy(state_dict[key])
+    a = to_numpy(state_dict[key])
     if tuple(a.shape) != shape:
       raise ValueError(f'SAT key {key} has shape {tuple(a.shape)}, the config expects {shape}')
     arrays[key] = a.astype(cfg.weight_dtype)
 
   layers: dict = {}
   for suffix, (group, leaf), to_ours, _ in _layer_mappings(cfg):
+    if not layer_matrices and suffix in LAYER_MATRICES:
+      continue
     stacked = np.stack([to_ours(arrays[f'transformer.layers.{l}.{suffix}']) for l in range(cfg.num_layers)])
     layers.setdefault(group, {})[leaf] = stacked
   return {
@@ -117,19 +133,26 @@ def from_sat_state_dict(state_dict, model_config) -> dict:
   }
 
 
-def to_sat_state_dict(params, model_config, *, weight_format: str = 'in_out') -> dict[str, np.ndarray]:
+def to_sat_state_dict(params, model_config, *, weight_format: str = 'in_out',
+                      layer_matrices: bool = True) -> dict[str, np.ndarray]:
   """glm-jax params -> SAT `GLM130B` state dict (numpy, TP=1), the exact inverse of from_sat_state_dict.
 
   params: stacked or per layer, their big matrices in `weight_format` (a checkpoint's config.weight_format); other
   formats are converted back to the checkpoint layout first, or refused (ValueError) when they cannot be. Every
   matrix's shape is checked against the config, so weights in another layout are never silently mis-transposed.
+  layer_matrices=False leaves out the four matrices of each layer (quantize/sat.py exports those).
   """
   cfg = GLMConfig.make(model_config)
   specs = weight_specs(cfg)
-  params = weights.stack_layers(weights.to_checkpoint_params(params, specs, weight_format))
+  if layer_matrices:
+    params = weights.to_checkpoint_params(params, specs, weight_format)
+  else:  # only the tied embedding is converted
+    params = dict(params, word_embeddings=weights.to_checkpoint_params(
+        {'word_embeddings': params['word_embeddings']}, specs, weight_format)['word_embeddings'])
+  params = weights.stack_layers(params)
   checks = {'word_embeddings': (params['word_embeddings'], specs['word_embeddings'].checkpoint_shape)}
-  for _, (group, leaf), _, _ in _layer_mappings(cfg):
-    if leaf in specs:
+  for suffix, (group, leaf), _, _ in _layer_mappings(cfg):
+    if leaf in specs and (layer_matrices or suffix not in LAYER_MATRICES):
       checks[leaf] = (params['layers'][group][leaf], (cfg.num_layers,) + specs[leaf].checkpoint_shape)
   for leaf, (w, shape) in checks.items():
     if tuple(np.shape(w)) != shape:
@@ -141,6 +164,8 @@ def to_sat_state_dict(params, model_config, *, weight_format: str = 'in_out') ->
       'transformer.final_layernorm.bias': np.asarray(params['final_layernorm']['bias']),
   }
   for suffix, (group, leaf), _, to_sat in _layer_mappings(cfg):
+    if not layer_matrices and suffix in LAYER_MATRICES:
+      continue
     stacked = np.asarray(params['layers'][group][leaf])
     for layer in range(cfg.num_layers):
       sd[f'transformer.layers.{layer}.{suffix}'] = np.ascontiguousarray(to_sat(stacked[layer]))
@@ -159,7 +184,7 @@ def merge_tensor_parallel(shards: list[dict]) -> dict:
   """Per-rank SAT state dicts (rank order) -> one TP=1 state dict."""
   merged = {}
   for key in shards[0]:
-    parts = [_to_numpy(s[key]) for s in shards]
+    parts = [to_numpy(s[key]) for s in shards]
     if _ROW_PARALLEL_INPUT.search(key):
       merged[key] = np.concatenate(parts, axis=1)
     elif _COLUMN_PARALLEL.search(key):
@@ -176,7 +201,7 @@ def split_tensor_parallel(state_dict: dict, tp: int) -> list[dict]:
   """A TP=1 SAT state dict -> `tp` per-rank dicts, the inverse of merge_tensor_parallel."""
   shards = [{} for _ in range(tp)]
   for key, value in state_dict.items():
-    a = _to_numpy(value)
+    a = to_numpy(value)
     if _ROW_PARALLEL_INPUT.search(key):
       pieces = np.split(a, tp, axis=1)
     elif _COLUMN_PARALLEL.search(key):

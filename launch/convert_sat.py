@@ -7,6 +7,11 @@
 
 Tensor-parallel ranks are merged GLU-aware (glm130b.md §8.2) and loading is strict: a missing or unexpected key
 is an error naming it. The output directory must not exist; it appears only once complete.
+
+Quantized checkpoints (GLM-130B's INT8 / INT4 release layout: `weight` int8 + `weight_scale`, glm130b.md §6) convert
+exactly in both directions: a SAT checkpoint quantized for T ranks becomes a glm-jax checkpoint in the format
+'int4-tp<T>' (one scale per row and rank for the row-parallel layers), and a quantized glm-jax checkpoint exports at
+the tensor-parallel degree its scales were computed for (--requantize to quantize each new shard again instead).
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ _FROM_SAT = flags.DEFINE_string('from-sat', None, 'A SAT checkpoint: a folder wi
 _TO_SAT = flags.DEFINE_string('to-sat', None, 'A glm-jax model checkpoint or training run directory to export.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (must not exist).')
 _TP = flags.DEFINE_integer('tp', 1, 'With --to-sat: tensor-parallel ranks to split into.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float16', ['float16', 'float32', 'bfloat16'], 'With --to-sat: tensor dtype.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float16', ['float16', 'float32', 'bfloat16'], 'With --to-sat: tensor dtype '
+                           '(of the floating-point tensors; quantized weights stay int8, their scales float16).')
+_REQUANTIZE = flags.DEFINE_bool('requantize', False, 'With --to-sat of a quantized checkpoint whose scale groups do '
+                                'not match --tp: dequantize and quantize each target shard again (not exact).')
 
 
 def main(argv):
@@ -39,23 +47,34 @@ def main(argv):
   if not _OUT.value:
     raise cli.UsageError('--out is required')
   from glm_jax import model_io
-  from glm_jax.sat_convert import from_sat_state_dict, to_sat_state_dict
+  from glm_jax.sat_convert import from_sat_state_dict, merge_tensor_parallel, to_sat_state_dict
   if _FROM_SAT.value:
     config = _CONFIG.value
     if config is None:
       raise cli.UsageError('--from-sat needs --config (the model the checkpoint holds)')
-    sd = model_io.read_sat_checkpoint(_FROM_SAT.value)
-    params = from_sat_state_dict(sd, config.model)
-    out = model_io.save_model(_OUT.value, params, config)
-    print(f'wrote glm-jax checkpoint {out}')
+    shards = model_io.read_sat_shards(_FROM_SAT.value)
+    from quantize import sat as quantized_sat
+    if quantized_sat.is_quantized_sat(shards):
+      params, weight_format = quantized_sat.from_sat_quantized(shards, config.model)
+    else:
+      params, weight_format = from_sat_state_dict(merge_tensor_parallel(shards), config.model), 'in_out'
+    out = model_io.save_model(_OUT.value, params, config, weight_format=weight_format)
+    print(f'wrote glm-jax checkpoint {out} (weights {weight_format})')
   else:
     params, config = model_io.load_model(_TO_SAT.value)
     if config.model.num_attention_heads % _TP.value or config.model.inner_hidden_size % _TP.value:
       raise cli.UsageError(f'--tp {_TP.value} does not divide the heads ({config.model.num_attention_heads}) and '
                            f'the GeGLU width ({config.model.inner_hidden_size})')
-    state_dict = to_sat_state_dict(params, config.model, weight_format=config.weight_format)
-    out = model_io.write_sat_checkpoint(_OUT.value, state_dict, tp=_TP.value, dtype=_DTYPE.value)
-    print(f'wrote SAT checkpoint {out} ({_TP.value} rank(s), {_DTYPE.value})')
+    import quantize
+    if quantize.is_quantized(config.weight_format):
+      from quantize import sat as quantized_sat
+      shards = quantized_sat.to_sat_quantized(params, config.model, config.weight_format, _TP.value,
+                                              requantize=_REQUANTIZE.value)
+      out = model_io.write_sat_shards(_OUT.value, shards, dtype=_DTYPE.value)
+    else:
+      state_dict = to_sat_state_dict(params, config.model, weight_format=config.weight_format)
+      out = model_io.write_sat_checkpoint(_OUT.value, state_dict, tp=_TP.value, dtype=_DTYPE.value)
+    print(f'wrote SAT checkpoint {out} ({_TP.value} rank(s), {config.weight_format} weights, {_DTYPE.value})')
   return 0
 
 

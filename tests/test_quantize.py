@@ -371,3 +371,141 @@ def test_cpu_kernel_is_the_exact_dequantized_product(bits):
       exact = x.astype(np.float64) @ w64.T
       bound = 2 * i * 2.0 ** -24 * (np.abs(x) @ np.abs(w64).T)
       assert (np.abs(y - exact) <= bound).all(), (o, i, group, m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantized SAT checkpoints (the release layout)
+
+
+def _spec_quantize(w: torch.Tensor, bits: int):
+  """glm130b.md §6 on one shard: scale = half(absmax_row / (2^(b-1) - 1)), q = round(w / scale) (fp16 divide,
+  ties to even), INT4 packed by _spec_pack_int4."""
+  scale = (w.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).half()
+  q = torch.round(w / scale[:, None]).to(torch.int8)
+  return (_spec_pack_int4(q) if bits == 4 else q), scale
+
+
+def _release_shards(fp16_state, tp: int, bits: int):
+  """A TP-split quantized SAT checkpoint written from glm130b.md §6 and §8.2 alone: column-parallel rows, row-parallel
+  input columns, dense_h_to_4h GLU-interleaved ([V_r; G_r]), the rest replicated; each rank's four matrices quantized
+  on its own shard."""
+  shards = [{} for _ in range(tp)]
+  for key, w in fp16_state.items():
+    if 'rotary' in key:
+      continue
+    if key.endswith(('attention.dense.weight', 'dense_4h_to_h.weight')):
+      parts = torch.chunk(w, tp, dim=1)
+    elif key.endswith(('query_key_value.weight', 'query_key_value.bias', 'word_embeddings.weight')):
+      parts = torch.chunk(w, tp, dim=0)
+    elif 'dense_h_to_4h' in key:
+      chunks = torch.chunk(w, 2 * tp, dim=0)
+      parts = [torch.cat([chunks[r], chunks[tp + r]]) for r in range(tp)]
+    else:
+      parts = [w] * tp
+    for r in range(tp):
+      if key.endswith(tuple(LINEARS_WEIGHT)):
+        shards[r][key], shards[r][key + '_scale'] = _spec_quantize(parts[r].contiguous(), bits)
+      else:
+        shards[r][key] = parts[r].clone()
+  return shards
+
+
+LINEARS_WEIGHT = tuple(f'{linear}.weight' for linear in LINEARS)
+
+
+def test_quantized_sat_export_at_tp1_is_sats_own_quantized_state(sat_quantized):
+  """Our int4 params exported to SAT's layout hold exactly the keys, dtypes and values of SAT's quantized model (so it
+  loads them strictly), biases included."""
+  from quantize import sat as quantized_sat  # noqa: PLC0415
+  sat, fp16_state = sat_quantized[4]
+  config = load_config('tiny', **PARITY_MODEL, dtype='float16', param_dtype='float16')
+  sd = {k: v.float().numpy() for k, v in fp16_state.items()}
+  params = weights.convert_params(from_sat_state_dict(sd, config.model), weight_specs(GLMConfig.make(config.model)),
+                                  'int4')
+  [exported] = quantized_sat.to_sat_quantized(params, config.model, 'int4', 1)
+  ref = {k: v for k, v in sat.state_dict().items() if 'rotary' not in k}
+  assert set(exported) == set(ref)
+  for key, value in ref.items():
+    ours = np.asarray(exported[key])
+    if value.dtype == torch.int8:
+      assert ours.dtype == np.int8, key
+      np.testing.assert_array_equal(ours, value.numpy(), err_msg=key)
+    else:
+      np.testing.assert_array_equal(ours.astype(np.float16), value.numpy(), err_msg=key)
+
+
+def test_release_tp2_int4_imports_exactly_and_exports_back(sat_quantized, tmp_path):
+  """A TP-2 INT4 release checkpoint (written by _release_shards from the spec) converts to 'int4-tp2' without
+  requantizing: our fp16 model's logits match SAT's fp16 model given the same weights dequantized by the spec
+  (_spec_extract per shard, then merged), within the 4-ulp bar; exporting at TP 2 gives back every tensor exactly, and
+  at TP 1 needs requantizing (an error naming it)."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  from glm_jax import load_model  # noqa: PLC0415
+  from glm_jax.model_io import read_sat_shards  # noqa: PLC0415
+  from quantize import sat as quantized_sat  # noqa: PLC0415
+  _, fp16_state = sat_quantized[4]
+  shards = _release_shards(fp16_state, 2, 4)
+  src = tmp_path / 'release'
+  (src / '1').mkdir(parents=True)
+  (src / 'latest').write_text('1')
+  for r, shard in enumerate(shards):
+    torch.save({'module': shard}, src / '1' / f'mp_rank_{r:02d}_model_states.pt')
+  config_py = tmp_path / 'parity.py'
+  config_py.write_text('from tests.conftest import PARITY_MODEL, load_config\n\n\ndef get_config():\n'
+                       "  return load_config('tiny', **dict(PARITY_MODEL, max_sequence_length=2048), dtype='float16', "
+                       "param_dtype='float16')\n")
+  run = subprocess.run([sys.executable, 'launch/convert_sat.py', '--from-sat', src, '--config', config_py,
+                        '--out', tmp_path / 'ours'], cwd=REPO, env=subprocess_env(PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0 and '(weights int4-tp2)' in run.stdout, run.stderr
+  params, config = load_model(tmp_path / 'ours')
+  assert config.weight_format == 'int4-tp2'
+
+  # the same model in fp16 in SAT: each shard dequantized by the spec, merged as §8.2
+  merged = {}
+  for key in shards[0]:
+    if key.endswith('_scale'):
+      continue
+    if key.endswith(LINEARS_WEIGHT):
+      parts = [_spec_extract(s[key], s[key + '_scale'], 4) for s in shards]
+    else:
+      parts = [s[key] for s in shards]
+    if key.endswith(('attention.dense.weight', 'dense_4h_to_h.weight')):
+      merged[key] = torch.cat(parts, dim=1)
+    elif key.endswith(('query_key_value.weight', 'query_key_value.bias', 'word_embeddings.weight')):
+      merged[key] = torch.cat(parts, dim=0)
+    elif 'dense_h_to_4h' in key:
+      merged[key] = torch.cat([torch.chunk(p, 2)[0] for p in parts] + [torch.chunk(p, 2)[1] for p in parts])
+    else:
+      merged[key] = parts[0]
+  sat = R.build_sat_glm130b(**PARITY_MODEL, seed=3, init_std=0.1).half()
+  head_dim = PARITY_MODEL['hidden_size'] // PARITY_MODEL['num_attention_heads']
+  R.set_rope_inv_freq(sat, rope.inv_freq_f32(head_dim))
+  sat.load_state_dict(merged, strict=False)
+  rng = np.random.default_rng(8)
+  tokens = rng.integers(0, PARITY_MODEL['vocab_size'], (2, 16)).astype(np.int32)
+  case = (tokens, np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16)).copy(),
+          np.tril(np.ones((16, 16), bool))[None, None])
+  ref = R.sat_forward(sat, *case)[0]
+  ours = np.asarray(GLM(config.model, weight_format='int4-tp2').apply({'params': params}, *case), np.float32)
+  assert np.abs(ours - ref).max() <= 4 * 2.0 ** -11 * np.abs(ref).max()
+
+  run = subprocess.run([sys.executable, 'launch/convert_sat.py', '--to-sat', tmp_path / 'ours', '--tp', '2',
+                        '--out', tmp_path / 'back'], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert run.returncode == 0, run.stderr
+  back = read_sat_shards(tmp_path / 'back')
+  for r in range(2):
+    assert set(back[r]) == set(shards[r])
+    for key, value in shards[r].items():
+      assert back[r][key].dtype == value.dtype, key
+      assert torch.equal(back[r][key], value), key
+  with pytest.raises(ValueError, match='2 scale group.*needs 1.*requantize'):
+    quantized_sat.to_sat_quantized(params, config.model, 'int4-tp2', 1)
+  requantized = quantized_sat.to_sat_quantized(params, config.model, 'int4-tp2', 1, requantize=True)[0]
+  key = 'transformer.layers.0.attention.dense.weight'
+  w16 = torch.cat([_spec_extract(s[key], s[key + '_scale'], 4) for s in shards], dim=1)
+  q, scale = _spec_quantize(w16, 4)
+  np.testing.assert_array_equal(requantized[key], q.numpy())
+  np.testing.assert_array_equal(requantized[key + '_scale'], scale.numpy())
