@@ -509,3 +509,41 @@ def test_release_tp2_int4_imports_exactly_and_exports_back(sat_quantized, tmp_pa
   q, scale = _spec_quantize(w16, 4)
   np.testing.assert_array_equal(requantized[key], q.numpy())
   np.testing.assert_array_equal(requantized[key + '_scale'], scale.numpy())
+
+
+@pytest.mark.parametrize('fmt,mesh_sizes', [('int4', dict(data=2, fsdp=2, tensor=2)),
+                                            ('int4-tp2', dict(data=4, fsdp=1, tensor=2))])
+def test_quantized_weights_shard_by_the_float_axes(fmt, mesh_sizes):
+  """On a mesh, q's rows split with the output axis and its (packed) columns with the input axis, the scales' groups
+  with the input axis: tensor parallelism gives column-parallel layers their rows and row-parallel ones their input
+  groups (with 'int4-tp2', each device holds its own shard's scales). The forward equals one device's."""
+  from glm_jax import axis_rules, make_mesh  # noqa: PLC0415
+  from glm_jax.sharding import activate, abstract_params, batch_sharding, shardings_for  # noqa: PLC0415
+  config = load_config('tiny', num_layers=2, vocab_size=512, inner_hidden_size=680)
+  config.mesh.update(mesh_sizes)
+  specs = weight_specs(GLMConfig.make(config.model))
+  params = weights.convert_params(jax.tree.map(np.asarray, _random_params(config)), specs, fmt)
+  model = GLM(config.model, weight_format=fmt)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 512, (8, 16), dtype=np.int32)
+  positions = np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)).copy()
+  mask = np.broadcast_to(np.tril(np.ones((16, 16), bool)), (8, 1, 16, 16)).copy()
+  forward = jax.jit(lambda p, t, q, m: model.apply({'params': p}, t, q, m))
+  ref = np.asarray(forward(params, tokens, positions, mask))
+
+  mesh, rules = make_mesh(config.mesh), axis_rules(config)
+  placed = jax.device_put(params, shardings_for(abstract_params(model, config.model), mesh, rules))
+  t, d, h = mesh_sizes['tensor'], mesh_sizes['fsdp'], 64  # tensor, fsdp; head_dim 64
+  attention, mlp = placed['layers']['attention'], placed['layers']['mlp']
+  shard = lambda a: a.addressable_shards[0].data.shape  # noqa: E731
+  # qkv: rows (heads, 3, H) over tensor, packed input (embed) over fsdp
+  assert shard(attention['qkv_kernel']['q']) == (2, 768 // t, 128 // d)
+  # dense (row-parallel): rows (embed) over fsdp, packed input (heads, H) over tensor; scales' groups with it
+  assert shard(attention['dense_kernel']['q']) == (2, 256 // d, 128 // t)
+  groups = 2 if fmt == 'int4-tp2' else 1
+  assert shard(attention['dense_kernel']['scale']) == (2, 256 // d, groups // t if groups > 1 else 1)
+  assert shard(mlp['4h_to_h_kernel']['q']) == (2, 256 // d, 340 // t)
+  with activate(mesh, rules):
+    args = [jax.device_put(x, batch_sharding(mesh, rules, x.ndim)) for x in (tokens, positions, mask)]
+    out = np.asarray(forward(placed, *args))
+  assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
