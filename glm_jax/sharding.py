@@ -160,11 +160,12 @@ def shard_shape(shape, logical_axes, rules, sizes: dict[str, int]) -> tuple[int,
   return tuple(out)
 
 
-def parameter_table(config, sizes: dict[str, int]):
-  """Rows (path, shape, logical axes, count, bytes per device) of a config's parameters on a mesh of these sizes
-  (which need not exist here), by abstract evaluation: nothing is allocated."""
+def parameter_table(config, sizes: dict[str, int], weight_format: str = 'in_out'):
+  """Rows (path, shape, logical axes, count, bytes per device) of a config's parameters, their big matrices stored
+  in `weight_format` (e.g. 'int4': quantize/), on a mesh of these sizes (which need not exist here), by abstract
+  evaluation: nothing is allocated. `count` is the stored elements (an INT4 byte holds two weights)."""
   from glm_jax.model import GLM
-  boxed = abstract_params(GLM(config.model), config.model)
+  boxed = abstract_params(GLM(config.model, weight_format=weight_format), config.model)
   rules = axis_rules(config)
   rows = []
   for path, box in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):

@@ -22,6 +22,8 @@ from ml_collections import config_flags  # noqa: E402
 from glm_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/glm_130b.py.', lock_config=False)
+_QUANTIZATION = flags.DEFINE_enum('quantization-bit-width', None, ['4', '8'], 'Report the bytes with the four '
+                                  'matrices of every layer in GLM-130B\'s INT4 or INT8 format (quantize/).')
 _FORWARD = flags.DEFINE_bool('forward', False, 'Also initialise the model on this machine and run one forward '
                              'pass on a batch of 2 x 16 tokens (only sensible for small configs).')
 
@@ -63,16 +65,21 @@ def main(argv):
   from glm_jax.sharding import check_mesh_fits, nominal_mesh_shape, parameter_table
   sizes = nominal_mesh_shape(config.mesh)
   check_mesh_fits(GLM(config.model), config.model, axis_rules(config), sizes)
-  rows = parameter_table(config, sizes)
+  weight_format = 'in_out'
+  if _QUANTIZATION.value:
+    import quantize
+    weight_format = quantize.format_name(int(_QUANTIZATION.value))
+  rows = parameter_table(config, sizes, weight_format)
+  total = sum(r[3] for r in parameter_table(config, sizes)) if weight_format != 'in_out' else sum(r[3] for r in rows)
   m = config.model
   print(f'GLM: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, '
-        f'GeGLU {m.inner_hidden_size}, vocabulary {m.vocab_size}, params {m.param_dtype}, compute {m.dtype}')
+        f'GeGLU {m.inner_hidden_size}, vocabulary {m.vocab_size}, params {m.param_dtype}, compute {m.dtype}'
+        + (f'; layer matrices in {weight_format}' if weight_format != 'in_out' else ''))
   print(f'mesh: {", ".join(f"{k}={v}" for k, v in sizes.items())} ({math.prod(sizes.values())} devices)\n')
   width = max(len(r[0]) for r in rows)
   print(f'{"parameter":<{width}}  {"shape":<24} {"logical axes":<40} {"count":>17} {"bytes/device":>12}')
   for name, shape, names, count, per_device in rows:
     print(f'{name:<{width}}  {str(shape):<24} {str(names):<40} {count:>17,} {_fmt_bytes(per_device):>12}')
-  total = sum(r[3] for r in rows)
   per_device = sum(r[4] for r in rows)
   print(f'\ntotal parameters: {total:,}')
   print(f'parameter bytes per device: {_fmt_bytes(per_device)} (all devices: {_fmt_bytes(per_device * math.prod(sizes.values()))})')

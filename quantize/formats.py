@@ -7,11 +7,14 @@ Names:
   layers (attention dense, 4h-to-h: input axes split over 'tensor') carry one scale per row per shard, and whose
   column-parallel ones one per row.
 
-The four layer matrices are stored as {'q': int8 [O, I * bits / 8], 'scale': float16 [O, G]} in the release's
-layout (quantize/format.py); the product is quantize/kernels.py's. The tied embedding keeps floating point in the
-checkpoint's dtype, output-major ('out_in'), as GLM-130B keeps it in fp16. Quantized weights shard by the float
-weights' logical axes: q's rows by the output axis and its columns by the input axis, the scales' groups by the input
-axis when there is more than one group.
+The four layer matrices are stored as {'q': int8 [*out, I * bits / 8], 'scale': float16 [*out, G]}: the release's
+layout (quantize/format.py) with the output axes kept apart (the model's [N, 3, H] for QKV, [2, F] for the GeGLU
+input), and the input axes merged (their first one is the one that may be split). The product is
+quantize/kernels.py's. The tied embedding keeps floating point in the checkpoint's dtype, output-major ('out_in'), as
+GLM-130B keeps it in fp16. Quantized weights shard by the float weights' logical axes: q by the output axes and its
+(packed) columns by the input axis, the scales' groups by the input axis when there is more than one group. So tensor
+parallelism splits QKV's heads and the GeGLU width F (each shard holding matching value and gate rows, as SAT's
+GLU-interleaved ranks) and the input groups of the row-parallel layers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import dataclasses
 import re
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,7 +54,7 @@ def _keeps_float(spec: weights.Spec) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight(weights.Weight):
-  """A layer matrix as int8 q [O, I*bits/8] and float16 scales [O, G]; subclasses fix bits and the groups."""
+  """A layer matrix as int8 q [*out, I*bits/8] and float16 scales [*out, G]; subclasses fix bits and the groups."""
   name: ClassVar[str]
   bits: ClassVar[int]
   group_size: ClassVar[int | None] = None       # input columns per scale group
@@ -77,15 +81,28 @@ class QuantizedWeight(weights.Weight):
     w_OxI = spec.o_by_i(w)
     if isinstance(w_OxI, np.ndarray):
       q, scale = release_format.quantize_weight(w_OxI, cls.bits, spec.i // groups if groups > 1 else None)
-      return {'q': q, 'scale': scale.reshape(spec.o, groups)}
-    return _quantize_traced(w_OxI, cls.bits, groups)
+      stored = {'q': q, 'scale': scale}
+    else:
+      stored = _quantize_traced(w_OxI, cls.bits, groups)
+    return {k: v.reshape(spec.out_shape + (-1,)) for k, v in stored.items()}
 
   @classmethod
   def axes(cls, spec):
     if _keeps_float(spec):
       return weights.OutIn.axes(spec)
-    out_axis, in_axis = spec.out_axes[0], spec.in_axes[0]
-    return {'q': (out_axis, in_axis), 'scale': (out_axis, in_axis if cls.groups(spec) > 1 else None)}
+    in_axis = spec.in_axes[0]
+    return {'q': spec.out_axes + (in_axis,), 'scale': spec.out_axes + (in_axis if cls.groups(spec) > 1 else None,)}
+
+  @classmethod
+  def from_release(cls, q_OxB, scale_OxG, spec: weights.Spec) -> dict:
+    """Stored arrays from the release's q [O, bytes] and scales [O] or [O, G]."""
+    return {'q': q_OxB.reshape(spec.out_shape + (-1,)), 'scale': scale_OxG.reshape(spec.out_shape + (-1,))}
+
+  def release(self):
+    """(q [O, bytes], scales [O, G]): the release's layout (leading stacked-layer axes kept)."""
+    n_out = len(self.spec.out_shape)
+    lead = self.q.shape[:self.q.ndim - n_out - 1]
+    return self.q.reshape(lead + (self.spec.o, -1)), self.scale.reshape(lead + (self.spec.o, -1))
 
   @classmethod
   def wrap(cls, stored, spec):
@@ -95,15 +112,23 @@ class QuantizedWeight(weights.Weight):
 
   def matmul(self, x):
     lead = x.shape[:x.ndim - len(self.spec.in_shape)]
-    y_MxO = kernels.quantized_matmul(x.reshape(-1, self.spec.i), self.q, self.scale, self.bits)
+    x_MxI = x.reshape(-1, self.spec.i)
+    if not jax.sharding.get_abstract_mesh().empty:  # the output axes kept apart, so that their sharding holds
+      w = kernels.dequantize(self.q, self.scale, self.bits, x.dtype)
+      outs = 'nopqrst'[:len(self.spec.out_shape)]
+      y = jnp.einsum(f'mi,{outs}i->m{outs}', x_MxI, w, preferred_element_type=jnp.float32)
+      return y.reshape(lead + self.spec.out_shape)
+    q_OxB, scale_OxG = self.release()
+    y_MxO = kernels.quantized_matmul(x_MxI, q_OxB, scale_OxG, self.bits)
     return y_MxO.reshape(lead + self.spec.out_shape)
 
   def to_checkpoint(self):
     """The dequantized float16 matrix (what the release's extraction kernels compute), in the checkpoint layout."""
-    if isinstance(self.q, np.ndarray):
-      w_OxI = release_format.dequantize_weight(self.q, self.scale, self.bits)
+    q_OxB, scale_OxG = self.release()
+    if isinstance(q_OxB, np.ndarray):
+      w_OxI = release_format.dequantize_weight(q_OxB, scale_OxG, self.bits)
     else:
-      w_OxI = kernels.dequantize(self.q, self.scale, self.bits, jnp.float16)
+      w_OxI = kernels.dequantize(q_OxB, scale_OxG, self.bits, jnp.float16)
     return self.spec.from_o_by_i(w_OxI)
 
 

@@ -68,17 +68,18 @@ def unpack_int4(q):
 
 
 def dequantize(q, scale_OxG, bits: int, dtype):
-  """W [O, I] in `dtype`: q * scale computed in float32 (exact) and rounded once to dtype, as SAT's fp16 extraction
-  kernels round half(q) * scale."""
+  """W [..., I] in `dtype` from q [..., I * bits / 8] and scales [..., G] (any leading output axes, left as they are:
+  under a mesh they keep their sharding): q * scale computed in float32 (exact) and rounded once to dtype, as SAT's
+  fp16 extraction kernels round half(q) * scale."""
   if bits == 4:
     hi, lo = unpack_int4(q)
-    values = jnp.stack([hi, lo], axis=-1).reshape(q.shape[0], -1)
+    values = jnp.stack([hi, lo], axis=-1).reshape(q.shape[:-1] + (-1,))
   else:
     values = q.astype(jnp.int32)
-  o, i = values.shape
-  g = scale_OxG.shape[1]
-  w = values.astype(jnp.float32).reshape(o, g, i // g) * scale_OxG.astype(jnp.float32)[..., None]
-  return w.reshape(o, i).astype(dtype)
+  lead, i = values.shape[:-1], values.shape[-1]
+  g = scale_OxG.shape[-1]
+  w = values.astype(jnp.float32).reshape(lead + (g, i // g)) * scale_OxG.astype(jnp.float32)[..., None]
+  return w.reshape(lead + (i,)).astype(dtype)
 
 
 def xla_matmul(x_MxI, q, scale_OxG, bits: int):
@@ -215,14 +216,12 @@ def kernel_applies(backend: str, bits: int, i: int, g: int, blocks: Blocks) -> b
 
 
 def quantized_matmul(x_MxI, q, scale_OxG, bits: int):
-  """x [M, I] @ dequant(q, scale).T -> [M, O] float32: the Pallas kernel for the backend (GPU: Triton, TPU:
-  Mosaic) where its block sizes fit the groups; on CPU glm_jax/cpu_kernels.py's for decode-sized float32 products;
-  the XLA formulation elsewhere (prefill on CPU, or under a device mesh, where XLA's partitioner places the product:
-  a custom call is one opaque op to it)."""
+  """x [M, I] @ dequant(q, scale).T -> [M, O] float32 on one device: the Pallas kernel for the backend (GPU: Triton,
+  TPU: Mosaic) where its block sizes fit the groups; on CPU glm_jax/cpu_kernels.py's for decode-sized float32
+  products; the XLA formulation elsewhere (prefill on CPU). (Under a device mesh the weight formats use the XLA
+  formulation, which XLA's partitioner places: a custom call is one opaque op to it.)"""
   m, i = x_MxI.shape
   g = scale_OxG.shape[1]
-  if not jax.sharding.get_abstract_mesh().empty:
-    return xla_matmul(x_MxI, q, scale_OxG, bits)
   branches = {}
   for platform, kernel in (('cuda', gpu_matmul), ('tpu', tpu_matmul)):
     backend = 'tpu' if platform == 'tpu' else 'gpu'

@@ -77,7 +77,8 @@ def from_sat_quantized(shards: list[dict], model_config) -> tuple[dict, str]:
                          f'{(spec.o, spec.i * bits // 8)}')
       qs.append(q)
       scales.append(scale)
-    params['layers'][group][leaf] = {'q': np.stack(qs), 'scale': np.stack(scales)}
+    stored = [formats.QuantizedWeight.from_release(q, scale, spec) for q, scale in zip(qs, scales)]
+    params['layers'][group][leaf] = {k: np.stack([s[k] for s in stored]) for k in ('q', 'scale')}
   if len(bits_seen) != 1:
     raise ValueError(f'quantized SAT checkpoint mixes bit widths {sorted(bits_seen)}')
   return params, formats.format_name(bits_seen.pop(), tensor_parallel=tp if tp > 1 else None)
@@ -100,7 +101,8 @@ def to_sat_quantized(params, model_config, weight_format: str, tp: int, *, requa
     want_groups = tp if row_parallel else 1
     for layer in range(cfg.num_layers):
       key = f'transformer.layers.{layer}.{suffix}'
-      q, scale = np.asarray(stored['q'][layer]), np.asarray(stored['scale'][layer])
+      q = np.asarray(stored['q'][layer]).reshape(spec.o, -1)
+      scale = np.asarray(stored['scale'][layer]).reshape(spec.o, -1)
       if scale.shape[1] != want_groups:
         if not requantize:
           raise ValueError(f'{leaf} is stored with {scale.shape[1]} scale group(s) per row ({weight_format}); SAT '

@@ -98,7 +98,8 @@ def test_model_format_stores_sats_arrays_and_matches_its_logits(sat_quantized, b
   for linear, (module, name) in OURS.items():
     q = params['layers'][module][name]['q']
     for layer in range(PARITY_MODEL['num_layers']):
-      np.testing.assert_array_equal(q[layer], state[f'transformer.layers.{layer}.{linear}.weight'].numpy())
+      sat_q = state[f'transformer.layers.{layer}.{linear}.weight'].numpy()
+      np.testing.assert_array_equal(q[layer].reshape(sat_q.shape), sat_q)
 
   sat_kernels = R.sat_module('quantization')
   original = sat_kernels.extract_weight_to_half
@@ -151,7 +152,7 @@ def test_release_tensor_parallel_groups_are_per_shard_scales():
   for name in ('dense_kernel', 'qkv_kernel'):
     spec = specs[name]
     w = rng.normal(size=spec.checkpoint_shape).astype(np.float32)
-    stored = fmt.convert(w, spec)
+    stored = {k: v.reshape(spec.o, -1) for k, v in fmt.convert(w, spec).items()}
     w_OxI = spec.o_by_i(w)
     if name == 'dense_kernel':
       shards = [quantize.quantize_weight(part, 4) for part in np.split(w_OxI, 2, axis=1)]
@@ -299,8 +300,9 @@ def test_offline_quantized_checkpoint_holds_the_release_arrays(float_checkpoint,
     for layer in range(2):
       w_OxI = specs[name].o_by_i(params['layers'][module][name][layer])
       q, scale = quantize.quantize_weight(w_OxI, 4)
-      np.testing.assert_array_equal(np.asarray(loaded['layers'][module][name]['q'][layer]), q)
-      np.testing.assert_array_equal(np.asarray(loaded['layers'][module][name]['scale'][layer])[:, 0], scale)
+      stored = loaded['layers'][module][name]
+      np.testing.assert_array_equal(np.asarray(stored['q'][layer]).reshape(q.shape), q)
+      np.testing.assert_array_equal(np.asarray(stored['scale'][layer]).reshape(scale.shape), scale)
   np.testing.assert_array_equal(np.asarray(loaded['word_embeddings']), params['word_embeddings'])  # kept in fp32
   np.testing.assert_array_equal(np.asarray(loaded['layers']['attention']['qkv_bias']),
                                 params['layers']['attention']['qkv_bias'])  # biases kept
@@ -332,10 +334,9 @@ def test_quantized_decoding_equals_the_dequantized_float_model(float_checkpoint,
     q_params = weights.convert_params(params, specs, f'int{bits}')
 
     def exact(module, name):
-      stored = q_params['layers'][module][name]
-      w = np.stack([np.asarray(kernels.dequantize(stored['q'][i], stored['scale'][i], bits, jnp.float32))
-                    for i in range(2)])
-      return np.stack([specs[name].from_o_by_i(w[i]) for i in range(2)])
+      stored, spec = q_params['layers'][module][name], specs[name]
+      w = [np.asarray(kernels.dequantize(stored['q'][i], stored['scale'][i], bits, jnp.float32)) for i in range(2)]
+      return np.stack([spec.from_o_by_i(w[i].reshape(spec.o, spec.i)) for i in range(2)])
     float_params = jax.tree.map(lambda a: a, params)
     for module, name in OURS.values():
       float_params['layers'][module][name] = exact(module, name)
@@ -533,12 +534,14 @@ def test_quantized_weights_shard_by_the_float_axes(fmt, mesh_sizes):
 
   mesh, rules = make_mesh(config.mesh), axis_rules(config)
   placed = jax.device_put(params, shardings_for(abstract_params(model, config.model), mesh, rules))
-  t, d, h = mesh_sizes['tensor'], mesh_sizes['fsdp'], 64  # tensor, fsdp; head_dim 64
+  t, d = mesh_sizes['tensor'], mesh_sizes['fsdp']
   attention, mlp = placed['layers']['attention'], placed['layers']['mlp']
   shard = lambda a: a.addressable_shards[0].data.shape  # noqa: E731
-  # qkv: rows (heads, 3, H) over tensor, packed input (embed) over fsdp
-  assert shard(attention['qkv_kernel']['q']) == (2, 768 // t, 128 // d)
-  # dense (row-parallel): rows (embed) over fsdp, packed input (heads, H) over tensor; scales' groups with it
+  # qkv [L, N, 3, H, D/2]: heads over tensor, packed input (embed) over fsdp
+  assert shard(attention['qkv_kernel']['q']) == (2, 4 // t, 3, 64, 128 // d)
+  # h_to_4h [L, 2, F, D/2]: the GeGLU width over tensor (matching value and gate rows on each device)
+  assert shard(mlp['h_to_4h_kernel']['q']) == (2, 2, 680 // t, 128 // d)
+  # dense (row-parallel) [L, D, N*H/2]: rows (embed) over fsdp, packed input (heads) over tensor, scale groups too
   assert shard(attention['dense_kernel']['q']) == (2, 256 // d, 128 // t)
   groups = 2 if fmt == 'int4-tp2' else 1
   assert shard(attention['dense_kernel']['scale']) == (2, 256 // d, groups // t if groups > 1 else 1)
