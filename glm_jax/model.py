@@ -349,8 +349,9 @@ class GLM(nn.Module):
     cache_index: where this call's S keys/values are written in the cache (a scalar; prefill 0, then each step).
     input_embedding: an optional [V, D] table for the input lookup, defaulting to the tied one. Training passes the
       tied table here as its own leaf so that the lookup's share of the gradient can be treated separately.
-    logits_index: optional int32 [B]: compute logits only at this row of each sequence (logits [B, 1, V]); a
-      prefill reads one row per prompt, and at GLM-130B's vocabulary the full [B, S, V] would be gigabytes.
+    logits_index: optional int32 [B] or [B, R]: compute logits only at these rows of each sequence (logits [B, 1, V]
+      or [B, R, V]); a prefill reads one row per prompt, scoring a few per sequence, and at GLM-130B's vocabulary
+      the full [B, S, V] would be gigabytes.
     """
     cfg: GLMConfig = self.config
     if attention_mask.dtype != jnp.bool_:
@@ -391,7 +392,8 @@ class GLM(nn.Module):
       new_cache_kv = None if cache is None else tuple(zip(*layer_caches))
 
     if logits_index is not None:
-      x_BxSxD = jnp.take_along_axis(x_BxSxD, logits_index[:, None, None], axis=1)
+      rows_BxR = logits_index[:, None] if logits_index.ndim == 1 else logits_index
+      x_BxSxD = jnp.take_along_axis(x_BxSxD, rows_BxR[:, :, None], axis=1)
     x_BxSxD = LayerNorm(cfg, name='final_layernorm')(x_BxSxD)
     logits_BxSxV = nn.with_logical_constraint(embedding.matmul(x_BxSxD), ('batch', 'length', 'act_vocab'))
     if cache is None:
