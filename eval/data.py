@@ -44,7 +44,7 @@ def read_examples(path: Path, task_type: str) -> list[Example]:
   """The examples of one mul / gen file (ValueError '<file> line <n>: ...')."""
   out = []
   try:
-    lines = path.read_text(encoding='utf-8').splitlines()
+    lines = path.read_text(encoding='utf-8').split('\n')  # not splitlines: U+2028 etc. may sit inside strings
   except (OSError, UnicodeDecodeError) as e:
     raise ValueError(f'{path}: cannot read ({e})') from None
   for n, line in enumerate(lines, 1):
@@ -85,7 +85,7 @@ def read_documents(path: Path) -> list[str]:
   if path.suffix == '.txt':
     return [text] if text.strip() else []
   docs = []
-  for n, line in enumerate(text.splitlines(), 1):
+  for n, line in enumerate(text.split('\n'), 1):
     if not line.strip():
       continue
     try:

@@ -243,3 +243,69 @@ def test_bad_data_is_one_line_naming_file_and_line(setup, tmp_path):
                        capture_output=True, text=True, timeout=600)
   assert run.returncode == 2 and 'does not exist' in run.stderr and 'qa.yaml: path:' in run.stderr, run.stderr
   assert not (tmp_path / 'r.json').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# launch/prepare_eval_data.py
+
+
+def test_prepare_converts_every_example_and_the_shipped_tasks_load(tmp_path):
+  """The shared data converts with every example kept (the counts of shared/data/README.md), and every shipped task
+  file finds its data."""
+  from eval.evaluator import plan  # noqa: PLC0415
+  from eval.prepare import prepare  # noqa: PLC0415
+  from tests.tokenizer_fixtures import data_dir  # noqa: PLC0415
+  report = prepare(data_dir(), tmp_path)
+  written = report.written
+  assert sum(n for k, n in written.items() if k.startswith('mmlu/')) == 285
+  expected = {'eprstmt': (160, 160), 'bustm': (160, 160), 'ocnli': (160, 160), 'csl': (160, 160),
+              'cluewsc': (160, 159), 'chid': (202, 202), 'tnews': (1185, 1098), 'iflytek': (3024, 1373),
+              'csldcp': (2036, 2068)}
+  for task, (train, dev) in expected.items():
+    assert written[f'fewclue_{task}/prompt0/train.jsonl'] == train, task
+    assert written[f'fewclue_{task}/prompt0/dev.jsonl'] == dev, task
+  assert written['xcopa_zh/prompt0/val.jsonl'] == 100 and written['cmrc2018/prompt0/trial.jsonl'] == 1002
+  assert not report.skipped
+  tasks = {config.name: groups for config, groups in plan([REPO / 'eval' / 'tasks'], tmp_path)}
+  assert len(tasks['mmlu']['overall']) == 57 and sum(len(tasks['mmlu'][g]) for g in
+                                                     ('stem', 'humanities', 'social_sciences', 'other')) == 57
+  tnews = [json.loads(line) for line in open(tmp_path / 'fewclue_tnews/prompt0/dev.jsonl', encoding='utf-8')]
+  assert len(tnews[0]['choices_pretokenized']) == 15 and '体育' in tnews[0]['choices_pretokenized']
+
+
+def test_prepare_layouts_by_hand(tmp_path):
+  """MMLU with and without a header, answers as indices and letters, shots from dev (never the example itself);
+  a FewCLUE label outside the classes is reported, not dropped silently; LAMBADA's target is the last word."""
+  from eval.prepare import prepare  # noqa: PLC0415
+  src = tmp_path / 'src'
+  _write(src / 'mmlu' / 'dev' / 'virology_dev.csv',
+         'question,choice0,choice1,choice2,choice3,answer\nQ1?,a,b,c,d,2\nQ2?,e,f,g,h,0\n"Q3,\nwith a comma",i,j,k,l,3\n')
+  _write(src / 'mmlu' / 'test' / 'virology_test.csv', 'T1?,w,x,y,z,B\n')
+  _write(src / 'fewclue' / 'ocnli' / 'dev_few_all.json',
+         '{"sentence1": "甲", "sentence2": "乙", "label": "neutral"}\n{"sentence1": "丙", "sentence2": "丁", "label": "-"}\n')
+  book = (data_dir_path() / 'gutenberg_en' / '84-0.txt').read_text(encoding='utf-8-sig')
+  passages = [' '.join(p.split()) for p in book.split('\n\n') if len(p.split()) > 40][10:13]  # read_text: \n
+  assert len(passages) == 3
+  _write(src / 'lambada' / 'passages.jsonl', ''.join(json.dumps({'text': p}) + '\n' for p in passages))
+  report = prepare(src, tmp_path / 'out')
+  dev = [json.loads(line) for line in open(tmp_path / 'out/mmlu/other/virology/dev.jsonl', encoding='utf-8')]
+  test = [json.loads(line) for line in open(tmp_path / 'out/mmlu/other/virology/test.jsonl', encoding='utf-8')]
+  assert [d['label'] for d in dev] == [2, 0, 3] and test[0]['label'] == 1
+  assert dev[0]['inputs_pretokenized'] == (
+      'The following are multiple choice questions about virology.\n\n'
+      'Q2?\n(A) e\n(B) f\n(C) g\n(D) h\nAnswer: (A)\n\n'
+      'Q3,\nwith a comma\n(A) i\n(B) j\n(C) k\n(D) l\nAnswer: (D)\n\n'
+      'Q1?\n(A) a\n(B) b\n(C) c\n(D) d\nAnswer: (')
+  assert test[0]['inputs_pretokenized'].count('Answer: (') == 4 and 'Q1?' in test[0]['inputs_pretokenized']
+  assert dev[0]['choices_pretokenized'] == ['A', 'B', 'C', 'D']
+  assert report.written['fewclue_ocnli/prompt0/dev.jsonl'] == 1
+  assert sum(report.skipped.values()) == 1 and "'-'" in next(iter(report.skipped))
+  lambada = [json.loads(line) for line in open(tmp_path / 'out/lambada/prompt0/passages.jsonl', encoding='utf-8')]
+  for row, passage in zip(lambada, passages):
+    assert row['targets_pretokenized'] == [passage.split(' ')[-1]]
+    assert row['inputs_pretokenized'] + ' ' + row['targets_pretokenized'][0] == passage
+
+
+def data_dir_path():
+  from tests.tokenizer_fixtures import data_dir  # noqa: PLC0415
+  return data_dir()
