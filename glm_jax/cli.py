@@ -74,3 +74,11 @@ def invoke(main, argv) -> int:
 def run(main):
   """invoke(main, sys.argv), then exit with its status."""
   sys.exit(invoke(main, sys.argv))
+
+
+def define_mesh_flags(purpose: str) -> dict:
+  """--config.mesh.<axis> integer flags, as the config files name the mesh (one axis may be -1: the devices the
+  others leave). Returns {axis: flag holder}."""
+  from glm_jax.sharding import MESH_AXES
+  return {axis: flags.DEFINE_integer(f'config.mesh.{axis}', 1, f'Size of the mesh axis {axis!r} to {purpose} on.')
+          for axis in MESH_AXES}

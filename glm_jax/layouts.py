@@ -216,29 +216,37 @@ def generation_task_layout(text: Sequence[int], special_ids: SpecialIds, *, max_
   if unidirectional:
     if not use_task_mask or blank_filling:
       raise ValueError('unidirectional generation needs use_task_mask and no blank in the text')
-    tokens = [mask_id, sid.sop] + text
-    # [gMASK] at 0 is the whole context; <sop>, the text and the generated tokens are Part B, counting from 1.
-    positions = _concat_positions(_context_positions(1, position_encoding_2d),
-                                  _part_b_positions(len(tokens) - 1 + n_gen, 0, 1, position_encoding_2d))
-    num_bidirectional = 0
+    c = len(text) + 2
+    full = unidirectional_generation_layout([mask_id, sid.sop] + text, n_gen, position_encoding_2d=position_encoding_2d)
+    return (Layout(tokens=full.tokens[:c], position_ids=full.position_ids[..., :c],
+                   attention_mask=full.attention_mask[:c, :c]), full.position_ids[..., c:])
+  if blank_filling:
+    if use_task_mask:
+      raise ValueError('blank filling only supports [MASK]')
+    mask_position = text.index(mask_id)
+    tokens = text + [sid.sop]
   else:
-    if blank_filling:
-      if use_task_mask:
-        raise ValueError('blank filling only supports [MASK]')
-      mask_position = text.index(mask_id)
-      tokens = text + [sid.sop]
-    else:
-      mask_position = len(text)
-      tokens = text + [mask_id, sid.sop]
-    c = len(tokens)
-    positions = _concat_positions(
-        _context_positions(c - 1, position_encoding_2d),
-        _part_b_positions(1 + n_gen, mask_position, c - 1 if use_task_mask else None, position_encoding_2d))
-    num_bidirectional = c - 1
+    mask_position = len(text)
+    tokens = text + [mask_id, sid.sop]
   c = len(tokens)
-  layout = Layout(tokens=_i32(tokens), position_ids=positions[..., :c],
-                  attention_mask=_prefix_lm_mask(c, num_bidirectional))
+  positions = _concat_positions(
+      _context_positions(c - 1, position_encoding_2d),
+      _part_b_positions(1 + n_gen, mask_position, c - 1 if use_task_mask else None, position_encoding_2d))
+  layout = Layout(tokens=_i32(tokens), position_ids=positions[..., :c], attention_mask=_prefix_lm_mask(c, c - 1))
   return layout, positions[..., c:]
+
+
+def unidirectional_generation_layout(seq: Sequence[int], max_gen_length: int, *,
+                                    position_encoding_2d: bool = False) -> Layout:
+  """§7.3 unidirectional generation: the whole [C + max_gen_length] layout, `seq` = [gMASK, <sop>] + text (C tokens),
+  tokens padded with -1 (not yet generated). Fully causal. [gMASK] at 0 is the whole context; <sop>, the text and
+  the generated tokens are Part B, counting from 1 (1-D: arange)."""
+  c = len(seq)
+  s = c + max_gen_length
+  tokens = np.concatenate([_i32(seq), np.full(max_gen_length, -1, dtype=np.int32)])
+  positions = _concat_positions(_context_positions(1, position_encoding_2d),
+                                _part_b_positions(s - 1, 0, 1, position_encoding_2d))
+  return Layout(tokens=tokens, position_ids=positions, attention_mask=_prefix_lm_mask(s, 0))
 
 
 def extend_for_generation(batch: Layout, context_lengths: np.ndarray, target_position_ids: np.ndarray) -> Layout:

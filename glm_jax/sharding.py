@@ -122,6 +122,11 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
 
 
+def batch_devices(mesh: Mesh, rules) -> int:
+  """How many ways the rules split the batch axis over the mesh (a batch must be a multiple of it)."""
+  return math.prod(mesh.shape[a] for a in _rule_axes(dict(rules).get('batch')))
+
+
 def _rule_axes(target) -> tuple[str, ...]:
   """The mesh axes a rule's target names (None, one axis, or a tuple of axes)."""
   return () if target is None else (target,) if isinstance(target, str) else tuple(target)

@@ -9,6 +9,9 @@ launch/prepare_eval_data.py` writes their data folder). Every task file and ever
 first task runs; a bad one is an error naming the file and the field or line. The results (JSON: per task, group and
 file, the metrics, and each example's prediction) are rewritten as each task finishes; rerunning with the same --out
 skips the tasks already there. A table of every group's best prompt, median and size-weighted average is printed.
+
+Mesh: --config.mesh.<axis>=N (e.g. --config.mesh.data=4 --config.mesh.tensor=2): the weights split by the
+checkpoint config's axis rules, each batch of examples over the data axes. Without it: the default device.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ _QUANTIZATION = flags.DEFINE_enum('quantization-bit-width', None, ['4', '8'], 'Q
 _BATCH_TOKENS = flags.DEFINE_integer('batch-tokens', 8192, 'Tokens per scoring call (padded): a batch of sequences '
                                      'of one length bucket.')
 _PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar per file.')
+_MESH = cli.define_mesh_flags('evaluate')
 
 
 def main(argv):
@@ -44,9 +48,11 @@ def main(argv):
     raise cli.UsageError(f'--batch-tokens must be positive, not {_BATCH_TOKENS.value}')
   from eval.evaluator import evaluate, plan
   plan(tasks, _DATA.value)  # every task file, data folder and example, before the model is loaded
-  from glm_jax.generation.api import Generator
-  generator = Generator.load(_CHECKPOINT.value, _TOKENIZER.value,
-                             quantization_bit_width=int(_QUANTIZATION.value) if _QUANTIZATION.value else None)
+  from glm_jax.generation import api
+  _, config = api.load_tokenizer_and_config(_CHECKPOINT.value, _TOKENIZER.value)
+  mesh = api.decode_mesh(config, {axis: flag.value for axis, flag in _MESH.items()})
+  generator = api.Generator.load(_CHECKPOINT.value, _TOKENIZER.value, mesh=mesh,
+                                 quantization_bit_width=int(_QUANTIZATION.value) if _QUANTIZATION.value else None)
   evaluate(tasks, _DATA.value, generator, _OUT.value, max_batch_tokens=_BATCH_TOKENS.value,
            progress=_PROGRESS.value)
   print(f'results in {_OUT.value}')

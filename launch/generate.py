@@ -46,7 +46,6 @@ from absl import flags  # noqa: E402
 
 from glm_jax import cli  # noqa: E402
 from glm_jax.files import atomic_write  # noqa: E402
-from glm_jax.sharding import MESH_AXES  # noqa: E402
 
 PROG = 'generate.py'
 PROMPT = "Please input a prompt ('stop' to exit) >>> "
@@ -84,9 +83,7 @@ _TOP_P = flags.DEFINE_float('top_p', 0.7, 'Sampling: nucleus sampling, keep the 
 _TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'Sampling: divides the logits, > 0.')
 _SEED = flags.DEFINE_integer('seed', 1234, 'Random seed; the same seed gives the same answers.')
 _WITH_ID = flags.DEFINE_bool('with-id', False, 'File mode: each input line is "id<TAB>prompt".')
-# The mesh as the config files name it (config.mesh); one axis may be -1 (the devices the others leave).
-_MESH = {axis: flags.DEFINE_integer(f'config.mesh.{axis}', 1, f'Size of the mesh axis {axis!r} to decode on.')
-         for axis in MESH_AXES}
+_MESH = cli.define_mesh_flags('decode')
 
 
 def read_args():
@@ -230,12 +227,7 @@ def main(argv) -> int:
       except ValueError as e:
         raise UsageError(f'{args.input_source} line {record["line"]}: {e}') from None
     Path(args.output_path).mkdir(parents=True, exist_ok=True)  # fail now, not after generating everything
-  mesh = None
-  if any(n != 1 for n in args.mesh.values()):
-    from glm_jax import sharding
-    from glm_jax.model import GLM
-    mesh = sharding.make_mesh(args.mesh)
-    sharding.check_mesh_fits(GLM(config.model), config.model, sharding.axis_rules(config), dict(mesh.shape))
+  mesh = api.decode_mesh(config, args.mesh)
   try:
     api.quantized_format(config.get('weight_format', 'in_out'), args.quantization_bit_width)
   except ValueError as e:

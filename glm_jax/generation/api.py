@@ -126,6 +126,18 @@ def load_tokenizer_and_config(checkpoint: str | Path, tokenizer=None):
   return tok, config
 
 
+def decode_mesh(config, sizes: dict[str, int]):
+  """The device mesh of `--config.mesh.<axis>` sizes for this checkpoint config (None when every axis is 1), checked
+  against the model: a ValueError names the config field and the mesh axis that disagree."""
+  if all(n == 1 for n in sizes.values()):
+    return None
+  from glm_jax import sharding
+  from glm_jax.model import GLM
+  mesh = sharding.make_mesh(sizes)
+  sharding.check_mesh_fits(GLM(config.model), config.model, sharding.axis_rules(config), dict(mesh.shape))
+  return mesh
+
+
 def quantized_format(stored_format: str, quantization_bit_width: int | None) -> str | None:
   """The quantized format to decode in: the checkpoint's own if it is quantized (a different bit width asked for
   is an error: requantizing quantized weights is not exact), else int<bits> per output row, else None."""

@@ -14,6 +14,8 @@ A batch is right-padded to a common bucketed length P (padding: token 0, positio
 The cache holds T = P + G columns, G = the bucketed max_gen_length: generated token j is written at column P + j,
 after the padded length (§10 item 17), and sees its own context columns [0, C_b) plus the generated columns so far.
 The first generated token is read from the prefill logits at each row's own <sop> row, C_b - 1.
+With `unidirectional=True` (GLM-130B's unidirectional generation tasks, §7.3) a context is [gMASK, <sop>] + text,
+fully causal (`layouts.unidirectional_generation_layout`), and generation continues after the text's last row.
 
 Buckets (`length_buckets`): powers of two from 16 up to 64, then multiples of 64. P = the smallest bucket that holds
 the longest context, G = the smallest that holds max_gen_length (or the caller's own bucket list). Prompts whose
@@ -155,8 +157,9 @@ class _Batch:
 
 
 def build_batch(contexts: Sequence[Sequence[int]], mask_positions: Sequence[int], use_gmask: Sequence[bool], *,
-                prompt_bucket: int, gen_bucket: int, position_encoding_2d: bool) -> _Batch:
-  """Right-pads every prompt's `generation_layout` to P = prompt_bucket and extracts what the loop needs."""
+                prompt_bucket: int, gen_bucket: int, position_encoding_2d: bool, unidirectional: bool = False) -> _Batch:
+  """Right-pads every prompt's `generation_layout` (or `unidirectional_generation_layout`) to P = prompt_bucket and
+  extracts what the loop needs."""
   b, p, g = len(contexts), prompt_bucket, gen_bucket
   pos_shape = (b, 2) if position_encoding_2d else (b,)
   tokens = np.zeros((b, p), np.int32)
@@ -167,7 +170,10 @@ def build_batch(contexts: Sequence[Sequence[int]], mask_positions: Sequence[int]
   lengths = np.zeros(b, np.int32)
   for i, (seq, m, gm) in enumerate(zip(contexts, mask_positions, use_gmask)):
     c = len(seq)
-    lay = layouts.generation_layout(seq, int(m), g, use_gmask=bool(gm), position_encoding_2d=position_encoding_2d)
+    if unidirectional:
+      lay = layouts.unidirectional_generation_layout(seq, g, position_encoding_2d=position_encoding_2d)
+    else:
+      lay = layouts.generation_layout(seq, int(m), g, use_gmask=bool(gm), position_encoding_2d=position_encoding_2d)
     mask = lay.attention_mask
     # The loop's compact form of the generated rows: one context view shared by every generated row, and a causal
     # block over the generated columns. Both hold for every GLM generation layout; check rather than assume.
@@ -253,8 +259,8 @@ class Decoder:
                use_gmask: Sequence[bool] | bool, *, max_gen_length: int, strategy=GREEDY,
                end_tokens: Sequence[int] = (), min_gen_length: int = 0, seed: int = 0,
                buckets: Sequence[int] | None = None, prefix_tokens: Sequence[Sequence[int]] | None = None,
-               return_debug: bool = False, on_tokens: Callable[[int, np.ndarray], None] | None = None
-               ) -> DecodeOutput:
+               return_debug: bool = False, on_tokens: Callable[[int, np.ndarray], None] | None = None,
+               unidirectional: bool = False) -> DecodeOutput:
     """Fill one blank per prompt, batched (glm130b.md §5.1-§5.4), with `params` from `prepare`.
 
     contexts: per prompt the context ids ending with <sop> (e.g. `build_generation_input(...)[0].tokens` without the
@@ -267,6 +273,7 @@ class Decoder:
     prefix_tokens: per prompt, tokens forced as the first generated tokens (teacher forcing; sampling only). The
       forced tokens count as generated (an end token among them ends the row).
     return_debug: also return per-step logits and choices (DecodeOutput.debug).
+    unidirectional: contexts are [gMASK, <sop>] + text, fully causal (§7.3); mask_positions are 0 and use_gmask True.
     on_tokens: streaming (greedy / sampling): called with (step, tokens [B]) as each step's tokens are known.
     """
     cfg = self.cfg
@@ -280,8 +287,10 @@ class Decoder:
       raise ValueError(f'{len(gmask)} use_gmask flags for {b} contexts')
     if max_gen_length < 1:
       raise ValueError(f'max_gen_length must be >= 1, got {max_gen_length}')
+    if unidirectional and (not all(gmask) or any(mask_positions)):
+      raise ValueError('unidirectional generation takes [gMASK, <sop>] + text: use_gmask True, mask_positions 0')
     for i, seq in enumerate(contexts):
-      if len(seq) < 1:
+      if len(seq) < 1 + unidirectional:
         raise ValueError(f'context {i} is empty (it must end with <sop>)')
       if not 0 <= mask_positions[i] < len(seq) - 1:
         raise ValueError(f'context {i}: mask_position {mask_positions[i]} is outside its {len(seq) - 1} tokens '
@@ -304,7 +313,7 @@ class Decoder:
     p = bucket_length(max(len(s) for s in contexts), buckets)
     g = bucket_length(max_gen_length, buckets)
     batch = build_batch(contexts, mask_positions, gmask, prompt_bucket=p, gen_bucket=g,
-                        position_encoding_2d=cfg.position_encoding_2d)
+                        position_encoding_2d=cfg.position_encoding_2d, unidirectional=unidirectional)
     top = max(int(batch.positions.max()), int(batch.gen_positions[..., :max_gen_length].max()))
     if top >= cfg.max_sequence_length:  # the rotary table has max_sequence_length rows
       raise ValueError(f'positions reach {top} >= max_sequence_length {cfg.max_sequence_length}: shorten the '
