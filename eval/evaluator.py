@@ -9,13 +9,14 @@ data found, before the first one runs.
 Task types (glm130b.md §7):
 - mul: one sequence per example (`layouts.multiple_choice_layout`), scored in batches (eval/scoring.py); an option's
   score is the sum of its tokens' log-probabilities (divided by its token count with `length_normalization`); the
-  prediction is the best option. Each choice is encoded on its own (the tokenizer's word-start marker included).
+  prediction is the best option; per option also whether each of its tokens is the argmax ('greedy'). Each choice
+  is encoded on its own (with the icetk layout, which adds a word-start marker to every encoded text, included).
 - lm: perplexity windows (§7.4) of each document; word-level PPL and bits per byte.
 - gen: GLM-130B's generation layout (text + [MASK or gMASK] + <sop>, bidirectional context) decoded by the
   Generator's decoder, greedy for BaseStrategy (evaluation is deterministic), beam search with the task's settings;
-  EM and F1 against the targets. (`unidirectional` generation tasks are not supported yet.)
+  EM and F1 against the targets. With `unidirectional`: [gMASK, <sop>] + text, fully causal (§7.3).
 - module: a custom class, `package.module.ClassName`, built as cls(config, data_dir) and called
-  `.evaluate(generator, scorer, progress) -> {group: {'files': [...], 'aggregate': {...}}}`.
+  `.evaluate(generator, scorer, progress) -> {group: {'files': [...], 'aggregate': {...}}}` (eval/lambada.py).
 """
 
 from __future__ import annotations
@@ -57,17 +58,29 @@ def _config_key(config: TaskConfig) -> dict:
   return _as_json({k: v for k, v in dataclasses.asdict(config).items() if k != 'source'})
 
 
-def plan(task_paths, data_dir) -> list[tuple[TaskConfig, dict[str, list[Path]]]]:
-  """Every task config with its files, all validated before anything runs (ValueError naming file and field)."""
+def _custom_task(config: TaskConfig, data_dir):
+  """The `module` class of a task, built as cls(config, data_dir) (it reads and checks its data then)."""
+  module_name, _, class_name = config.module.rpartition('.')
+  try:
+    cls = getattr(importlib.import_module(module_name), class_name)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise ValueError(f'{config.source}: module: cannot import {config.module!r} ({e})') from None
+  return cls(config, Path(data_dir))
+
+
+def plan(task_paths, data_dir) -> list[tuple[TaskConfig, dict[str, list[Path]] | object]]:
+  """Every task config with its files ({group: files}) or, for a `module` task, its built class; all validated
+  before anything runs (ValueError naming file and field or line)."""
   tasks, names = [], {}
   for path in find_task_files(task_paths):
     config = load_task(path)
     if config.name in names:
       raise ValueError(f'{path}: name: {config.name!r} is also the name of {names[config.name]}')
     names[config.name] = path
-    if config.module is None and config.type == 'gen' and config.unidirectional:
-      raise ValueError(f'{path}: unidirectional: generation tasks with unidirectional: true are not supported yet')
-    groups = {} if config.module else task_files(data_dir, config)
+    if config.module:
+      tasks.append((config, _custom_task(config, data_dir)))
+      continue
+    groups = task_files(data_dir, config)
     for files in groups.values():  # every example checked now, not after hours of scoring
       for path in files:
         read_documents(path) if config.type == 'lm' else read_examples(path, config.type)
@@ -100,14 +113,15 @@ class Evaluator:
       items.append(item)
       slices.append(sl)
     scored = self.scorer.score(items, progress=bar.update if bar is not None else None)
-    predictions, scores = [], []
-    for (logp, _), sl in zip(scored, slices):
+    predictions, scores, greedy = [], [], []
+    for (logp, is_argmax), sl in zip(scored, slices):
       option = [float(logp[s].sum()) / (max(s.stop - s.start, 1) if config.length_normalization else 1)
                 for s in sl]
       scores.append(option)
+      greedy.append([bool(is_argmax[s].all()) for s in sl])
       predictions.append(int(np.argmax(option)))
     accuracy = float(np.mean([p == ex.label for p, ex in zip(predictions, examples)]))
-    return {'metrics': {'Accuracy': accuracy}, 'predictions': predictions, 'scores': scores}
+    return {'metrics': {'Accuracy': accuracy}, 'predictions': predictions, 'scores': scores, 'greedy': greedy}
 
   def language_model(self, config: TaskConfig, documents, bar=None) -> dict:
     nats, words, nbytes, tokens = 0.0, 0, 0, 0
@@ -133,8 +147,9 @@ class Evaluator:
 
   def generation(self, config: TaskConfig, examples, bar=None) -> dict:
     if config.sampling_strategy == 'BeamSearchStrategy':
-      strategy = make_strategy('BeamSearchStrategy', num_beams=config.num_beams,
-                               length_penalty=config.length_penalty, no_repeat_ngram_size=config.no_repeat_ngram_size)
+      strategy = dataclasses.replace(  # deterministic candidates: evaluation is repeatable (§7.5)
+          make_strategy('BeamSearchStrategy', num_beams=config.num_beams, length_penalty=config.length_penalty,
+                        no_repeat_ngram_size=config.no_repeat_ngram_size), deterministic=True)
     else:
       strategy = make_strategy('BaseStrategy', top_k=1)
     sid = self.special_ids
@@ -146,16 +161,23 @@ class Evaluator:
       contexts, masks = [], []
       for ex in chunk:
         text = self.tokenizer.encode(ex.inputs)
-        if mask_id in text:
+        if mask_id in text and not config.unidirectional:
           contexts.append(text + [sid.sop])
           masks.append(text.index(mask_id))
+          continue
+        text = text[max(0, len(text) - (max_len - config.max_gen_length - 2)):]  # left-truncated (§7.1)
+        if config.unidirectional:  # [gMASK, <sop>] + text, causal (§7.3)
+          if mask_id in text:
+            raise ValueError(f'{ex.where}: a unidirectional task\'s text cannot hold a blank')
+          contexts.append([mask_id, sid.sop] + text)
+          masks.append(0)
         else:
-          text = text[max(0, len(text) - (max_len - config.max_gen_length - 2)):]  # left-truncated (§7.1)
           contexts.append(text + [mask_id, sid.sop])
           masks.append(len(text))
       out = self.generator.decoder.generate(
           self.generator.weights, contexts, masks, config.use_task_mask, max_gen_length=config.max_gen_length,
-          strategy=strategy, end_tokens=(sid.eos, sid.eop), min_gen_length=config.min_gen_length)
+          strategy=strategy, end_tokens=(sid.eos, sid.eop), min_gen_length=config.min_gen_length,
+          unidirectional=config.unidirectional)
       for ids in out.tokens:
         ids = [t for t in ids if t not in (sid.eos, sid.eop)]
         predictions.append(self.tokenizer.decode(ids).strip())
@@ -167,14 +189,10 @@ class Evaluator:
 
   # -- one task -----------------------------------------------------------------------------------------------------
 
-  def run_task(self, config: TaskConfig, groups: dict[str, list[Path]]) -> dict:
+  def run_task(self, config: TaskConfig, groups) -> dict:
+    """groups: {group: files}, or the built class of a `module` task (see `plan`)."""
     if config.module:
-      module_name, _, class_name = config.module.rpartition('.')
-      try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-      except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f'{config.source}: module: cannot import {config.module!r} ({e})') from None
-      return {'groups': cls(config, self.data_dir).evaluate(self.generator, self.scorer, self.progress)}
+      return {'groups': groups.evaluate(self.generator, self.scorer, self.progress)}
     out = {}
     for group, files in groups.items():
       per_file = []

@@ -23,7 +23,7 @@ import unicodedata
 _ARTICLES = re.compile(r'\b(a|an|the)\b')
 
 
-def _is_punctuation(ch: str) -> bool:
+def is_punctuation(ch: str) -> bool:
   return ch in string.punctuation or unicodedata.category(ch).startswith('P')
 
 
@@ -32,7 +32,7 @@ def _is_cjk(ch: str) -> bool:
 
 
 def normalize_answer(text: str) -> str:
-  text = ''.join(ch for ch in text.lower() if not _is_punctuation(ch))
+  text = ''.join(ch for ch in text.lower() if not is_punctuation(ch))
   text = _ARTICLES.sub(' ', text)
   return ' '.join(text.split())
 

@@ -5,7 +5,9 @@ Every multiple-choice example (glm130b.md §7.2, `layouts.multiple_choice_layout
 sorted by length and packed into batches that share a padded length (`decode.bucket_length`: a few buckets, so few
 compiles) and a row count, up to `max_batch_tokens` tokens a batch; one jit-compiled forward per batch returns the
 log-probability of each target and whether it is the argmax (logits are computed at the read rows only). Padding:
-token 0, position 0, rows that see only themselves and that no real row sees; padded read rows are dropped.
+token 0, position 0, rows that see only themselves and that no real row sees; padded read rows are dropped. On a
+mesh (the Generator's), each batch is split over the data axes (padded to a multiple of them) and the weights are
+the decoder's sharded ones.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Scorer:
     self.max_batch_tokens = max_batch_tokens
     decoder = generator.decoder
     self._model, self._mesh, self._rules = decoder.model, decoder.mesh, decoder.rules
+    self._batch_multiple = 1 if self._mesh is None else sharding.batch_devices(self._mesh, self._rules)
     self._forward = jax.jit(self._logprobs)
     self.compiled_shapes: set = set()
     self.real_tokens = 0
@@ -74,6 +77,7 @@ class Scorer:
   def _run(self, items, p, per_batch):
     b = 1 << (len(items) - 1).bit_length()  # batch sizes in powers of two: few compiled shapes
     b = min(b, 1 << (per_batch - 1).bit_length())
+    b = -(-b // self._batch_multiple) * self._batch_multiple  # the data axes split the batch evenly
     r = 1 << (max(len(it.rows) for it in items) - 1).bit_length()
     two_d = items[0].layout.position_ids.ndim == 2
     tokens = np.zeros((b, p), np.int32)
@@ -120,6 +124,33 @@ def choice_items(context_ids, choices_ids, special_ids, *, use_task_mask=False, 
     slices.append(slice(start, start + len(target)))
     start += len(target)
   return Item(lay.layout, np.concatenate(rows), np.concatenate(targets)), slices
+
+
+def continuation_item(context_ids, target_ids, special_ids, *, use_task_mask: bool, unidirectional: bool = False,
+                      max_seq_length: int, position_encoding_2d: bool = False) -> Item:
+  """The target as the decoder would generate it after the context (§7.3, `layouts.generation_task_layout`): context
+  + [mask, <sop>] + target[:-1] (unidirectional: [gMASK, <sop>] + context + target[:-1], causal), generated rows at
+  the generation positions ([gMASK]: continuing after the mask; [MASK]: the mask's, which is also §7.2's option
+  layout). The context is left-truncated so that the whole sequence fits max_seq_length."""
+  target = [int(t) for t in target_ids]
+  if not target:
+    raise ValueError('an empty target')
+  keep = max_seq_length - len(target) - 1
+  if keep < 1:
+    raise ValueError(f'a target of {len(target)} tokens leaves no room for a context in max_seq_length '
+                     f'{max_seq_length}')
+  context = list(context_ids)[-keep:]
+  lay, target_positions = layouts.generation_task_layout(context, special_ids, max_gen_length=len(target) - 1,
+                                                         use_task_mask=use_task_mask, unidirectional=unidirectional,
+                                                         position_encoding_2d=position_encoding_2d)
+  c = lay.tokens.shape[0]
+  s = c + len(target) - 1
+  mask = np.tril(np.ones((s, s), bool))
+  mask[:c - 1, :c - 1] = lay.attention_mask[:c - 1, :c - 1]  # bidirectional context, or causal when unidirectional
+  full = layouts.Layout(tokens=np.concatenate([lay.tokens, np.asarray(target[:-1], np.int32)]).astype(np.int32),
+                        position_ids=np.concatenate([lay.position_ids, target_positions], axis=-1).astype(np.int32),
+                        attention_mask=mask)
+  return Item(full, np.arange(c - 1, s, dtype=np.int32), np.asarray(target, np.int32))
 
 
 def window_items(token_ids, special_ids, *, max_seq_length: int, generation_length: int, use_task_mask: bool,

@@ -96,6 +96,25 @@ def test_choice_scores_equal_sats(setup):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * max(abs(r) for r in ref))
 
 
+def test_scoring_on_a_mesh_equals_one_device(setup):
+  """A Generator on a (data 2, tensor 2) mesh: batches split over data (odd batches padded to a multiple of 2),
+  weights over tensor; the same scores as one device."""
+  from glm_jax import sharding  # noqa: PLC0415
+  _, gen, path = setup
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=2, stage=1), jax.devices()[:4])
+  on_mesh = Generator.load(path, mesh=mesh)
+  sid = blanks.special_ids(gen.tokenizer)
+  rng = np.random.default_rng(4)
+  items = [choice_items(rng.integers(20, 300, rng.integers(3, 30)).tolist(),
+                        [rng.integers(20, 300, rng.integers(1, 4)).tolist() for _ in range(3)], sid,
+                        max_seq_length=256)[0] for _ in range(5)]
+  scorer = Scorer(on_mesh, max_batch_tokens=128)
+  for (a, ga), (b, gb) in zip(scorer.score(items), Scorer(gen, max_batch_tokens=128).score(items)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert (ga == gb).all()
+  assert all(b % 2 == 0 for b, _, _ in scorer.compiled_shapes)
+
+
 def test_lm_window_losses_equal_sats(setup):
   """Window nats from the scorer equal SAT's on §7.4 windows built by hand: window 0 scores every token after
   [MASK, <sop>]; window i > 0 has a bidirectional prompt of max_len - 1 - gen_len tokens and scores gen_len more."""
@@ -203,8 +222,6 @@ def test_evaluate_writes_each_task_and_resumes(setup, tmp_path):
   qa = results['tasks']['qa']['groups']['dev']
   assert [f['examples'] for f in qa['files']] == [5, 4]
   # Accuracy from the scores, and against Generator.log_probs (one example per call, another code path)
-  sid = blanks.special_ids(gen.tokenizer)
-  del sid
   for f in qa['files']:
     rows = [json.loads(line) for line in open(f['file'], encoding='utf-8')]
     for row, scores, pred in zip(rows, f['scores'], f['predictions']):
@@ -266,7 +283,8 @@ def test_prepare_converts_every_example_and_the_shipped_tasks_load(tmp_path):
     assert written[f'fewclue_{task}/prompt0/dev.jsonl'] == dev, task
   assert written['xcopa_zh/prompt0/val.jsonl'] == 100 and written['cmrc2018/prompt0/trial.jsonl'] == 1002
   assert not report.skipped
-  tasks = {config.name: groups for config, groups in plan([REPO / 'eval' / 'tasks'], tmp_path)}
+  # eval/tasks/*.yaml, as the README runs them (LAMBADA's, in eval/tasks/lambada/, needs passages shared/data lacks)
+  tasks = {config.name: groups for config, groups in plan(sorted((REPO / 'eval' / 'tasks').glob('*.yaml')), tmp_path)}
   assert len(tasks['mmlu']['overall']) == 57 and sum(len(tasks['mmlu'][g]) for g in
                                                      ('stem', 'humanities', 'social_sciences', 'other')) == 57
   tnews = [json.loads(line) for line in open(tmp_path / 'fewclue_tnews/prompt0/dev.jsonl', encoding='utf-8')]
@@ -309,3 +327,219 @@ def test_prepare_layouts_by_hand(tmp_path):
 def data_dir_path():
   from tests.tokenizer_fixtures import data_dir  # noqa: PLC0415
   return data_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LAMBADA (eval/lambada.py) and lm-evaluation-harness (eval/lm_eval_adapter.py)
+
+
+def _gutenberg_passages(n, start=10):
+  book = (data_dir_path() / 'gutenberg_en' / '84-0.txt').read_text(encoding='utf-8-sig')
+  passages = [' '.join(p.split()) for p in book.split('\n\n') if 30 < len(p.split()) < 80]
+  return passages[start:start + n]
+
+
+@pytest.fixture(scope='module')
+def lambada_run(setup, tmp_path_factory):
+  """eval/tasks/lambada/lambada.yaml (with 4 beams instead of 16, to keep the suite fast) on passages cut from a
+  Gutenberg book, prepared by launch/prepare_eval_data.py's library."""
+  from eval.prepare import prepare  # noqa: PLC0415
+  _, gen, _ = setup
+  tmp = tmp_path_factory.mktemp('lambada')
+  passages = _gutenberg_passages(5)
+  _write(tmp / 'src' / 'lambada' / 'test.jsonl', ''.join(json.dumps({'text': p}) + '\n' for p in passages))
+  prepare(tmp / 'src', tmp / 'data')
+  for name in ('lambada', 'lambada_unidirectional'):
+    task = (REPO / 'eval' / 'tasks' / 'lambada' / f'{name}.yaml').read_text(encoding='utf-8')
+    assert 'num-beams: 16\n' in task
+    _write(tmp / 'tasks' / f'{name}.yaml', task.replace('num-beams: 16\n', 'num-beams: 4\n'))
+  results = evaluate([tmp / 'tasks'], tmp / 'data', gen, tmp / 'results.json', progress=False, print_fn=lambda _: 0)
+  return tmp, passages, results['tasks']['lambada']['groups']['lambada']['files'][0], \
+      results['tasks']['lambada_unidirectional']['groups']['lambada_unidirectional']['files'][0]
+
+
+def test_lambada_target_scores_equal_sats(setup, lambada_run):
+  """The target word's log-probability after passage + [gMASK] + <sop> (unidirectional: after [gMASK, <sop>] +
+  passage), and whether each of its tokens is the argmax, equal SAT's on the generation layouts built here; Accuracy
+  is the share of exact first-word matches."""
+  sat, gen, _ = setup
+  _, passages, bidirectional, unidirectional = lambada_run
+  tok, sid = gen.tokenizer, blanks.special_ids(gen.tokenizer)
+  words = [p.rsplit(' ', 1)[1] for p in passages]
+  for result, causal in ((bidirectional, False), (unidirectional, True)):
+    assert result['examples'] == len(passages) == 5
+    for passage, logp, greedy, pred in zip(passages, result['target_logprobs'], result['target_greedy'],
+                                           result['predictions']):
+      context, word = passage.rsplit(' ', 1)
+      ctx, target = tok.encode(context), tok.encode(' ' + word)
+      # §7.3's generation layouts, positions arange: [gMASK, <sop>] + context + target[:-1], causal; or
+      # context + [gMASK, <sop>] + target[:-1] with context + [gMASK] bidirectional
+      tokens = np.array([sid.gmask, sid.sop] + ctx + target[:-1] if causal else
+                        ctx + [sid.gmask, sid.sop] + target[:-1], np.int32)
+      positions = np.arange(len(tokens), dtype=np.int32)
+      may = np.tril(np.ones((len(tokens), len(tokens)), bool))
+      if not causal:
+        may[:len(ctx) + 1, :len(ctx) + 1] = True
+      start = len(ctx) + 1
+      ref = _sat_logp(sat, tokens, positions, may)
+      np.testing.assert_allclose(logp, sum(ref[start + j, t] for j, t in enumerate(target)), rtol=1e-4)
+      assert greedy == all(int(np.argmax(ref[start + j])) == t for j, t in enumerate(target))
+      assert pred == '' or (' ' not in pred and pred[0] not in ',.;:!?"\'')  # one word, no punctuation first
+    assert result['metrics']['Accuracy'] == np.mean([p == w for p, w in zip(result['predictions'], words)])
+    assert result['metrics']['Greedy accuracy'] == np.mean(result['target_greedy'])
+  assert bidirectional['target_logprobs'] != unidirectional['target_logprobs']
+
+
+def test_unidirectional_generation_equals_sats_steps(setup):
+  """Decoder.generate(unidirectional=True), greedy, batched, equals greedy steps of SAT's full forward on
+  [gMASK, <sop>] + text + generated so far, positions arange, causal (§7.3), while SAT's margin is clear."""
+  sat, gen, _ = setup
+  sid = blanks.special_ids(gen.tokenizer)
+  rng = np.random.default_rng(3)
+  texts = [rng.integers(20, gen.tokenizer.vocab_size - 20, n).tolist() for n in (7, 19)]
+  from glm_jax.generation.decode import GREEDY  # noqa: PLC0415
+  out = gen.decoder.generate(gen.weights, [[sid.gmask, sid.sop] + t for t in texts], [0, 0], True, max_gen_length=6,
+                             strategy=GREEDY, unidirectional=True)
+  for text, ours in zip(texts, out.tokens):
+    seq = [sid.gmask, sid.sop] + text
+    for tok in ours:
+      n = len(seq)
+      logp = _sat_logp(sat, np.array(seq, np.int32), np.arange(n, dtype=np.int32), np.tril(np.ones((n, n), bool)))
+      top2 = np.sort(logp[-1])[-2:]
+      assert tok == int(np.argmax(logp[-1])) or top2[1] - top2[0] < 1e-4
+      seq.append(tok)
+    assert len(ours) == 6
+
+
+def test_lambada_punctuation_and_beam_choice_by_hand(setup):
+  from eval.lambada import choose_beam, first_word, punctuation_bans  # noqa: PLC0415
+  tok = setup[1].tokenizer
+  invalid, prefixes = punctuation_bans(tok)
+  for ch in ',.;!?':
+    ids = tok.encode(ch)
+    assert (len(ids) == 1 and ids[0] in invalid) or tuple(ids) in prefixes, ch
+  for word in ('the', ' the', ' was', 'Frankenstein'):
+    assert not set(tok.encode(word)) & set(invalid), word
+  assert tok.encode('，') in [list(p) for p in prefixes] or set(tok.encode('，')) <= set(invalid)
+  # G130: the first beam (best first) whose second space-separated field is punctuation ('' included), else the best
+  assert choose_beam(['London was big', 'Paris , he said', 'Rome .']) == 'Paris , he said'
+  assert choose_beam(['London was big', 'Paris']) == 'London was big'
+  assert choose_beam(['a  b', 'c .']) == 'a  b'
+  assert first_word('  Paris , he') == 'Paris' and first_word('') == ''
+
+
+def test_split_request_english_and_chinese(tmp_path):
+  """lm-eval's continuation keeps its leading space; the context's trailing space moves to it. With our tokenizers
+  (spaces are pieces) an English word start encodes as inside the whole text; Chinese has no space to move. With the
+  icetk layout every encoded text starts a word (GLM-130B's options are encoded that way)."""
+  from eval.lm_eval_adapter import split_request  # noqa: PLC0415
+  compact = GLMTokenizer.load(train_tiny_tokenizer(tmp_path / 'c', 'compact'))
+  whole = compact.encode('The cat sat on the mat')
+  ctx, cont = split_request(compact, 'The cat sat on the', ' mat')
+  assert ctx + cont == whole and cont == compact.encode(' mat') != compact.encode('mat')
+  assert split_request(compact, 'The cat sat on the ', 'mat') == (ctx, cont)
+  ctx, cont = split_request(compact, '北京是中国的', '首都')
+  assert ctx == compact.encode('北京是中国的') and cont == compact.encode('首都')
+  assert ctx + cont == compact.encode('北京是中国的首都')
+  icetk = GLMTokenizer.load(train_tiny_tokenizer(tmp_path / 'i', 'icetk'))
+  for context, continuation, alone in (('The cat sat on the', ' mat', 'mat'), ('北京是中国的', '首都', '首都')):
+    ctx, cont = split_request(icetk, context, continuation)
+    assert ctx == icetk.encode(context) and cont == icetk.encode(alone)
+    assert icetk.id_to_piece(cont[0]).startswith('▁')
+
+
+LM_EVAL_TASKS = {
+    'glmjax_mc': 'output_type: multiple_choice\ndoc_to_text: inputs_pretokenized\ndoc_to_choice: choices_pretokenized\n'
+                 'doc_to_target: label\ntarget_delimiter: ""\nmetric_list:\n  - metric: acc\n',
+    'glmjax_lambada': 'output_type: loglikelihood\ndoc_to_text: inputs_pretokenized\n'
+                      'doc_to_target: "{{\' \' + targets_pretokenized[0]}}"\ntarget_delimiter: ""\n'
+                      'metric_list:\n  - metric: acc\n',
+    'glmjax_text': 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: text\n'
+                   'metric_list:\n  - metric: word_perplexity\n',
+    'glmjax_gen': 'output_type: generate_until\ndoc_to_text: inputs_pretokenized\n'
+                  'doc_to_target: "{{targets_pretokenized[0]}}"\ngeneration_kwargs:\n  until: ["\\n\\n"]\n'
+                  '  max_gen_toks: 4\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n',
+}
+
+
+def _lm_eval_tasks(folder, files):
+  for name, body in LM_EVAL_TASKS.items():
+    _write(folder / f'{name}.yaml', f'task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n'
+           f'    test: {files[name]}\ntest_split: test\n{body}')
+
+
+@pytest.fixture(scope='module')
+def lm_eval_offline(tmp_path_factory):
+  """lm_eval, imported offline with a private HF cache (peers-on-cpu.md §2)."""
+  import os  # noqa: PLC0415
+  home = tmp_path_factory.mktemp('hf_home')
+  for key, value in (('HF_DATASETS_OFFLINE', '1'), ('HF_HUB_OFFLINE', '1'), ('HF_HOME', str(home))):
+    os.environ[key] = value
+  import lm_eval  # noqa: PLC0415
+  import lm_eval.tasks  # noqa: PLC0415
+  return lm_eval
+
+
+def test_lm_eval_equals_our_evaluator(setup, lambada_run, lm_eval_offline, tmp_path):
+  """The same examples through our evaluator and through lm-eval 0.4.13 with GLMJaxLM give the same log-probabilities
+  and greedy flags (multiple choice per option, the LAMBADA word), the same document log-likelihoods (rolling, §7.4
+  windows) and the same greedy generations."""
+  from eval.lm_eval_adapter import GLMJaxLM  # noqa: PLC0415
+  _, gen, _ = setup
+  lambada_dir, passages, lambada, _ = lambada_run
+  data, tasks = _tasks(tmp_path)
+  doc = data / 'text' / 'doc.txt'
+  _write(data / 'text.jsonl', json.dumps({'text': doc.read_text(encoding='utf-8')}) + '\n')
+  # ours, with lm-eval's windows (the model's whole length, generation_length = length - 2)
+  _write(tasks / 'lm' / 'text.yaml', 'name: text\ntype: lm\npath: text\nfile_pattern: "*.txt"\n'
+         'max_seq_length: 256\ngeneration_length: 254\nmetrics: [PPL]\n')
+  ours = evaluate([tasks], data, gen, tmp_path / 'ours.json', progress=False, print_fn=lambda _: 0)['tasks']
+  files = {'glmjax_mc': data / 'qa' / 'prompt1' / 'validation.jsonl',
+           'glmjax_lambada': lambada_dir / 'data' / 'lambada' / 'prompt0' / 'test.jsonl',
+           'glmjax_text': data / 'text.jsonl', 'glmjax_gen': data / 'gen' / 'p' / 'validation.jsonl'}
+  _lm_eval_tasks(tmp_path / 'lm_eval_tasks', files)
+  manager = lm_eval_offline.tasks.TaskManager(include_path=str(tmp_path / 'lm_eval_tasks'), include_defaults=False)
+
+  def run(lm, names):
+    res = lm_eval_offline.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=0,
+                                          bootstrap_iters=0, log_samples=True)
+    return {name: sorted(res['samples'][name], key=lambda x: x['doc_id']) for name in names}, res['results']
+
+  samples, results = run(GLMJaxLM(generator=gen), ['glmjax_mc', 'glmjax_text', 'glmjax_gen'])
+  mc = ours['qa']['groups']['dev']['files'][0]
+  assert len(samples['glmjax_mc']) == len(mc['scores']) == 5
+  for sample, scores, greedy in zip(samples['glmjax_mc'], mc['scores'], mc['greedy']):
+    np.testing.assert_allclose([r[0][0] for r in sample['resps']], scores, rtol=1e-5)
+    assert [r[0][1] for r in sample['resps']] == greedy
+  text = ours['text']['groups']['text']['files'][0]
+  np.testing.assert_allclose(samples['glmjax_text'][0]['resps'][0][0], -text['nats'], rtol=1e-5)
+  gen_ours = ours['gen']['groups']['gen']['files'][0]['predictions']
+  assert [s['resps'][0][0].strip() for s in samples['glmjax_gen']] == gen_ours
+
+  samples, results = run(GLMJaxLM(generator=gen, use_gmask='true'), ['glmjax_lambada'])
+  got = samples['glmjax_lambada']
+  assert len(got) == len(passages)
+  np.testing.assert_allclose([s['resps'][0][0][0] for s in got], lambada['target_logprobs'], rtol=1e-5)
+  assert [s['resps'][0][0][1] for s in got] == lambada['target_greedy']
+  assert results['glmjax_lambada']['acc,none'] == pytest.approx(lambada['metrics']['Greedy accuracy'])
+
+
+def test_lm_eval_command_line(setup, lambada_run, tmp_path):
+  """launch/run_lm_eval.py: lm-eval's command line with --model glm-jax implied, offline on a local task; a model
+  that does not load is one line, exit 2."""
+  lambada_dir, _, lambada, _ = lambada_run
+  _lm_eval_tasks(tmp_path / 'tasks', {name: lambada_dir / 'data' / 'lambada' / 'prompt0' / 'test.jsonl'
+                                      for name in LM_EVAL_TASKS})
+  env = dict(subprocess_env(), HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
+  run = subprocess.run([sys.executable, 'launch/run_lm_eval.py', '--model_args', f'checkpoint={setup[2]},use_gmask=1',
+                        '--tasks', 'glmjax_lambada', '--include_path', tmp_path / 'tasks', '--output_path',
+                        tmp_path / 'out'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  written = list((tmp_path / 'out').rglob('results*.json'))
+  assert len(written) == 1
+  acc = json.loads(written[0].read_text())['results']['glmjax_lambada']['acc,none']
+  assert acc == pytest.approx(lambada['metrics']['Greedy accuracy'])
+  run = subprocess.run([sys.executable, 'launch/run_lm_eval.py', '--model_args', f'checkpoint={tmp_path / "none"}',
+                        '--tasks', 'glmjax_lambada', '--include_path', tmp_path / 'tasks'], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith('run_lm_eval.py: error: '), run.stderr
