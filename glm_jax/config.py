@@ -186,6 +186,9 @@ def run_defaults() -> ml_collections.ConfigDict:
   r.tensorboard = True  # also write TensorBoard event files (metrics.jsonl is always written)
   r.peak_flops = 0.0  # the machine's peak FLOP/s for model FLOP utilisation; 0 = measure an fp32 matmul at start
   r.tokenizer = ''  # a GLMTokenizer .model file; '' = the run directory's own, trained on the corpus if missing
+  # fine-tuning: a model checkpoint or run directory whose parameters a new run starts from (on any mesh), with a
+  # fresh optimizer; ignored once the run has a checkpoint of its own (it resumes from that)
+  r.init_from = ''
   r.tokenizer_vocab_size = 8182  # pieces of a tokenizer trained by the run (+10 specials = 8192 ids)
   # launch/train.py ends by printing the trained model's answer to each of these prompts (GLM-130B's generate.py
   # defaults: top-p 0.7 sampling, seed 1234; a prompt without a mask is continued after [gMASK]); () = none.

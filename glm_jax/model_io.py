@@ -147,6 +147,32 @@ def load_model(path: str | Path, *, mesh=None):
   return (restored[subtree] if subtree else restored), config
 
 
+def load_params_like(path: str | Path, like):
+  """The parameters of a model checkpoint or training run directory, read straight into the shardings of `like` (a
+  tree of arrays: a new run's float32 parameters, on any mesh) and cast to its dtypes: the start of a fine-tuning
+  run. ValueError naming the checkpoint and the first parameter whose shape differs from `like`'s, or a checkpoint
+  whose weights are not the trainable `in_out` format (quantized or decode-format weights cannot be trained)."""
+  path = Path(path)
+  config = read_config(path)
+  if config.get('weight_format', 'in_out') != 'in_out':
+    raise ValueError(f'{path}: weight_format {config.weight_format!r}: training starts from float in_out weights')
+  params_dir, subtree, stored = _stored_params(path)
+  have = {jax.tree_util.keystr(k): tuple(m.shape) for k, m in jax.tree_util.tree_leaves_with_path(stored)}
+  want = {jax.tree_util.keystr(k): tuple(x.shape) for k, x in jax.tree_util.tree_leaves_with_path(like)}
+  for key in sorted(set(have) | set(want)):
+    if have.get(key) != want.get(key):
+      raise ValueError(f'{path}: parameter {key} is {have.get(key) or "missing"} there and '
+                       f'{want.get(key) or "absent"} in this model')
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), like)
+  if subtree is not None:
+    target, restore_args = {subtree: target}, {subtree: restore_args}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(params_dir.resolve(), args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=subtree is not None))
+  return restored[subtree] if subtree else restored
+
+
 def read_params_by_layer(path: str | Path):
   """(config, entries) of a model checkpoint or training run directory: the parameters as an iterator of
   (name, subtree) pairs of host numpy arrays, one top-level entry at a time, the stacked layers as 'layers_0',

@@ -3,11 +3,16 @@
     python launch/train.py --config configs/tiny.py                       # the quickstart: tokenizer + tiny model
     python launch/train.py --config configs/tiny.py --workdir runs/t2 --config.run.steps=1000 --config.mesh.fsdp=2
     python launch/train.py --config configs/small.py --config.data.corpus_paths=/my/corpus
+    python launch/train.py --config configs/tiny.py --workdir runs/ft --config.run.init_from=runs/tiny \
+        --config.data.corpus_paths=/my/text --config.mesh.data=2       # fine-tune: another run's weights, any mesh
 
 The run directory (--workdir, default runs/<config name>) receives checkpoints, metrics.jsonl, TensorBoard events
 and, unless --config.run.tokenizer names one, a tokenizer trained on the corpus. Rerunning the same command resumes
 from the latest complete checkpoint and continues exactly as if the run had not stopped; SIGTERM or Ctrl-C saves
-and stops. Draw the curves with `python launch/plot.py <workdir> --out curves.png`.
+and stops. With --config.run.init_from=CKPT (a model checkpoint, converted from SAT or trained here, or a run
+directory) a new run starts from those parameters, on any mesh, with a fresh optimizer and the checkpoint's tokenizer;
+the model config must describe the same shapes (a mismatch names the parameter). Draw the curves with
+`python launch/plot.py <workdir> --out curves.png`.
 """
 
 from __future__ import annotations
@@ -29,10 +34,15 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<c
 
 def _tokenizer(config, workdir: Path):
   """The run's tokenizer (glm_jax.tokenizer.tokenizer_path's policy: config.run.tokenizer if set, else the one in
-  the workdir), else one trained there."""
+  the workdir), else that of config.run.init_from's checkpoint (recorded as config.run.tokenizer), else one trained
+  there."""
   from glm_jax.tokenizer import GLMTokenizer, tokenizer_path
   from glm_jax.tokenizer_training import train_tokenizer_on_training_split
   found = tokenizer_path(workdir, configured=config.run.tokenizer, required=False)
+  if found is None and config.run.init_from:
+    from glm_jax.generation.api import tokenizer_path as checkpoint_tokenizer
+    found = checkpoint_tokenizer(config.run.init_from)
+    config.run.tokenizer = str(found.resolve())
   if found is not None:
     return GLMTokenizer.load(found)
   own = workdir / 'tokenizer.model'

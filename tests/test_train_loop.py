@@ -241,6 +241,37 @@ def test_load_model_names_a_config_that_does_not_fit_the_parameters(uninterrupte
     model_io.load_model(workdir, mesh=mesh)
 
 
+def test_fine_tuning_starts_from_another_runs_parameters_on_another_mesh(uninterrupted, run_inputs, tmp_path):
+  """--config.run.init_from=RUN: a new run on a (data 2, tensor 2) mesh starts from RUN's final parameters with a
+  fresh optimizer (at learning rate 0 they stay bit for bit RUN's; its Adam moments are its own two steps'); a model
+  whose shapes differ is one line naming the parameter, exit 2."""
+  import jax
+  want, source_opt = _final_params(uninterrupted[0])
+  workdir = tmp_path / 'ft'
+  proc = _run(workdir, run_inputs, NO_TB, f'--config.run.init_from={uninterrupted[0]}', '--config.run.steps=2',
+              '--config.run.save_every=2', '--config.run.eval_every=2', '--config.train.learning_rate=0',
+              '--config.mesh.data=2', '--config.mesh.tensor=2', JAX_NUM_CPU_DEVICES='4')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'parameters from {uninterrupted[0]}' in proc.stdout
+  path = workdir / 'checkpoints' / '2' / 'state'
+  with ocp.StandardCheckpointer() as c:
+    state = c.restore(path)
+  assert int(state['step']) == 2
+  assert jax.tree.structure(state['params']) == jax.tree.structure(want)
+  for a, b in zip(_flat(want), _flat(state['params'])):
+    np.testing.assert_array_equal(a, b)
+  # a fresh optimizer: its step counters count this run's two steps, not the source's eight more
+  counts = [int(x) for x in _flat(state['opt_state']) if x.ndim == 0 and x.dtype.kind == 'i']
+  assert counts and set(counts) == {2}, counts
+  assert {int(x) for x in _flat(source_opt) if x.ndim == 0 and x.dtype.kind == 'i'} == {STEPS}
+  assert json.loads((workdir / 'config.json').read_text())['run']['tokenizer'] == str(Path(run_inputs[0]).resolve())
+  proc = _run(tmp_path / 'bad', run_inputs, NO_TB, f'--config.run.init_from={uninterrupted[0]}',
+              '--config.model.hidden_size=32')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith('train.py: error: ') and "['final_layernorm']['bias'] is (64,) there and (32,)" in line, line
+
+
 def test_bad_flags_give_one_line_and_exit_2(run_inputs, tmp_path):
   proc = subprocess.run(_command(tmp_path / 'bad', *run_inputs, NO_TB, '--config.data.corpus_paths=/no/such/dir'),
                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)

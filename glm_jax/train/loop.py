@@ -176,6 +176,10 @@ def run(config, workdir: str | Path, *, tokenizer, train_batches, heldout_fn=Non
     start, state, data_state, _ = checkpointer.restore(ckpt.abstract_like(state))
     train_batches.set_state(data_state)
     print(f'resumed from {checkpointer.directory / str(start)}')
+  elif r.init_from:  # fine-tuning: the parameters of another run or model, a fresh optimizer and data stream
+    from glm_jax import model_io
+    state = state.replace(params=model_io.load_params_like(r.init_from, state.params))
+    print(f'parameters from {r.init_from}')
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   eval_fn = make_eval_fn(model, config, mesh, rules) if heldout_fn is not None else None
