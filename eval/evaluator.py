@@ -35,6 +35,7 @@ from eval import metrics as metrics_lib
 from eval.config import TaskConfig, find_task_files, load_task
 from eval.data import read_documents, read_examples, task_files
 from eval.scoring import Scorer, choice_items, window_items
+from glm_jax import layouts
 from glm_jax.generation import blanks
 from glm_jax.generation.api import make_strategy
 
@@ -161,19 +162,15 @@ class Evaluator:
       contexts, masks = [], []
       for ex in chunk:
         text = self.tokenizer.encode(ex.inputs)
-        if mask_id in text and not config.unidirectional:
-          contexts.append(text + [sid.sop])
-          masks.append(text.index(mask_id))
-          continue
-        text = text[max(0, len(text) - (max_len - config.max_gen_length - 2)):]  # left-truncated (§7.1)
-        if config.unidirectional:  # [gMASK, <sop>] + text, causal (§7.3)
-          if mask_id in text:
-            raise ValueError(f'{ex.where}: a unidirectional task\'s text cannot hold a blank')
-          contexts.append([mask_id, sid.sop] + text)
-          masks.append(0)
-        else:
-          contexts.append(text + [mask_id, sid.sop])
-          masks.append(len(text))
+        if config.unidirectional or mask_id not in text:  # a blank is filled in place, untruncated
+          text = text[max(0, len(text) - (max_len - config.max_gen_length - 2)):]  # left-truncated (§7.1)
+        try:
+          context, mask_position = layouts.generation_task_input(text, sid, use_task_mask=config.use_task_mask,
+                                                                 unidirectional=config.unidirectional)
+        except ValueError as e:
+          raise ValueError(f'{ex.where}: {e}') from None
+        contexts.append(context)
+        masks.append(mask_position)
       out = self.generator.decoder.generate(
           self.generator.weights, contexts, masks, config.use_task_mask, max_gen_length=config.max_gen_length,
           strategy=strategy, end_tokens=(sid.eos, sid.eop), min_gen_length=config.min_gen_length,

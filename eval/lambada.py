@@ -29,6 +29,7 @@ from tqdm import tqdm
 from eval.data import read_examples, task_files
 from eval.metrics import aggregate, is_punctuation
 from eval.scoring import continuation_item
+from glm_jax import layouts
 from glm_jax.generation import blanks
 from glm_jax.generation.beam_search import BeamSearchConfig
 
@@ -83,7 +84,6 @@ class LAMBADA:
                                 no_repeat_ngram_size=cfg.no_repeat_ngram_size, min_gen_length=cfg.min_gen_length,
                                 deterministic=True, invalid_slices=tuple(dict.fromkeys(invalid + sid.mask_ids)),
                                 banned_prefixes=prefixes)
-    mask_id = sid.gmask if cfg.use_task_mask else sid.mask
     max_len = min(cfg.max_seq_length, generator.max_sequence_length)
     out = {}
     for group, files in self.groups.items():
@@ -93,13 +93,12 @@ class LAMBADA:
         with tqdm(total=2 * len(examples), desc=f'{cfg.name} {Path(path).name}', unit=' steps', leave=False,
                   disable=not progress) as bar:
           per_file.append({'file': str(path), 'examples': len(examples),
-                           **self._score_file(generator, scorer, examples, strategy, mask_id, max_len, bar)})
+                           **self._score_file(generator, scorer, examples, strategy, sid, max_len, bar)})
       out[group] = {'files': per_file, 'aggregate': aggregate(per_file)}
     return out
 
-  def _score_file(self, generator, scorer, examples, strategy, mask_id, max_len, bar) -> dict:
+  def _score_file(self, generator, scorer, examples, strategy, sid, max_len, bar) -> dict:
     tok, cfg = generator.tokenizer, self.config
-    sid = blanks.special_ids(tok)
     contexts, targets = [], []
     for ex in examples:
       ids = tok.encode(ex.inputs.rstrip())
@@ -122,10 +121,8 @@ class LAMBADA:
     predictions = []
     for start in range(0, len(examples), GENERATION_BATCH):
       chunk = contexts[start:start + GENERATION_BATCH]
-      if cfg.unidirectional:
-        prompts, masks = [[mask_id, sid.sop] + c for c in chunk], [0] * len(chunk)
-      else:
-        prompts, masks = [c + [mask_id, sid.sop] for c in chunk], [len(c) for c in chunk]
+      prompts, masks = zip(*(layouts.generation_task_input(c, sid, use_task_mask=cfg.use_task_mask,
+                                                           unidirectional=cfg.unidirectional) for c in chunk))
       result = generator.decoder.generate(generator.weights, prompts, masks, cfg.use_task_mask,
                                           max_gen_length=cfg.max_gen_length, strategy=strategy,
                                           end_tokens=(sid.eos, sid.eop), unidirectional=cfg.unidirectional)

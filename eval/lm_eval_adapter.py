@@ -31,6 +31,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from eval.scoring import Scorer, continuation_item, window_items
+from glm_jax import layouts
 from glm_jax.generation import blanks
 from glm_jax.generation.decode import GREEDY
 
@@ -105,16 +106,16 @@ class GLMJaxLM(LM):
 
   def generate_until(self, requests, disable_tqdm: bool = False):
     sid = self.special_ids
-    mask_id = sid.gmask if self.use_gmask else sid.mask
     out = []
     for start in tqdm(range(0, len(requests), GENERATION_BATCH), desc='glm-jax generate_until',
                       disable=disable_tqdm):
       chunk = [req.args for req in requests[start:start + GENERATION_BATCH]]
       n = max(int(kwargs.get('max_gen_toks', self.max_gen_toks)) for _, kwargs in chunk)
-      contexts = [self.tokenizer.encode(context)[-(self._max_len - n - 2):] for context, _ in chunk]
-      result = self.generator.decoder.generate(self.generator.weights, [c + [mask_id, sid.sop] for c in contexts],
-                                               [len(c) for c in contexts], self.use_gmask, max_gen_length=n,
-                                               strategy=GREEDY, end_tokens=(sid.eos, sid.eop))
+      keep = self._max_len - n - 2
+      prompts, masks = zip(*(layouts.generation_task_input(self.tokenizer.encode(context)[-keep:], sid,
+                                                           use_task_mask=self.use_gmask) for context, _ in chunk))
+      result = self.generator.decoder.generate(self.generator.weights, prompts, masks, self.use_gmask,
+                                               max_gen_length=n, strategy=GREEDY, end_tokens=(sid.eos, sid.eop))
       for (_, kwargs), ids in zip(chunk, result.tokens):
         text = self.tokenizer.decode([t for t in ids if t not in (sid.eos, sid.eop)])
         until = kwargs.get('until') or []

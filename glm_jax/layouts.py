@@ -5,8 +5,9 @@ The single home of these rules; pure numpy (lists or arrays in, arrays out), no 
 - §3.4 training samples: `training_sample_layout` ([MASK] spans), `gmask_training_sample_layout`, `pack_samples`.
 - §5.1 generation (generate.py): `prepare_blank_filling`, `build_generation_input`, `generation_layout`,
   `splice_blank`.
-- §7.2 multiple choice: `multiple_choice_layout`. §7.3 generation tasks: `generation_task_layout`,
-  `extend_for_generation`. §7.4 language modelling: `lm_window_layouts`. §7.1 / §10 item 17: `pad_batch`.
+- §7.2 multiple choice: `multiple_choice_layout`. §7.3 generation tasks: `generation_task_input`,
+  `generation_task_layout`, `unidirectional_generation_layout`, `extend_for_generation`. §7.4 language modelling:
+  `lm_window_layouts`. §7.1 / §10 item 17: `pad_batch`.
 
 Conventions:
 - attention_mask is bool with **True = may attend**. SAT's is the opposite (True = masked); invert only at the SAT
@@ -196,42 +197,48 @@ def splice_blank(seq: Sequence[int], mask_position: int, generated: Sequence[int
 # §7.3 generation tasks (ModelForEvaluation.build_generation_sample, generate_text).
 
 
-def generation_task_layout(text: Sequence[int], special_ids: SpecialIds, *, max_gen_length: int,
-                           use_task_mask: bool = False, unidirectional: bool = False,
-                           position_encoding_2d: bool = False) -> tuple[Layout, np.ndarray]:
-  """§7.3: the context layout [C] of a generation sample and the positions [G] of the tokens to generate.
+def generation_task_input(text: Sequence[int], special_ids: SpecialIds, *, use_task_mask: bool = False,
+                          unidirectional: bool = False) -> tuple[list[int], int]:
+  """§7.3's decoder input: (context ending with <sop>, mask position).
 
-  - bidirectional, no blank: tokens text + [mask, <sop>]; everything before <sop> bidirectional.
-  - unidirectional (needs [gMASK]): tokens [gMASK, <sop>] + text, fully causal.
-  - a blank already in text ([MASK] only): tokens text + [<sop>], blank position = its index.
-  1-D positions: arange; for [MASK], <sop> and all targets sit at mask_position; for [gMASK] they continue.
-  Returns (layout with tokens/position_ids/attention_mask, target_position_ids int32 [G] or [2, G]);
-  C = layout.tokens.shape[0]. `extend_for_generation` builds the full decode-time layout from these.
+  - bidirectional, no blank: text + [mask, <sop>] ([gMASK] with use_task_mask), mask position len(text).
+  - a blank already in text ([MASK] only): text + [<sop>], mask position = its index.
+  - unidirectional (needs [gMASK] and no blank): [gMASK, <sop>] + text, mask position 0.
   """
   sid = special_ids
   mask_id = sid.gmask if use_task_mask else sid.mask
   text = [int(t) for t in text]
   blank_filling = mask_id in text
-  n_gen = max_gen_length
   if unidirectional:
     if not use_task_mask or blank_filling:
       raise ValueError('unidirectional generation needs use_task_mask and no blank in the text')
-    c = len(text) + 2
-    full = unidirectional_generation_layout([mask_id, sid.sop] + text, n_gen, position_encoding_2d=position_encoding_2d)
-    return (Layout(tokens=full.tokens[:c], position_ids=full.position_ids[..., :c],
-                   attention_mask=full.attention_mask[:c, :c]), full.position_ids[..., c:])
+    return [mask_id, sid.sop] + text, 0
   if blank_filling:
     if use_task_mask:
       raise ValueError('blank filling only supports [MASK]')
-    mask_position = text.index(mask_id)
-    tokens = text + [sid.sop]
-  else:
-    mask_position = len(text)
-    tokens = text + [mask_id, sid.sop]
+    return text + [sid.sop], text.index(mask_id)
+  return text + [mask_id, sid.sop], len(text)
+
+
+def generation_task_layout(text: Sequence[int], special_ids: SpecialIds, *, max_gen_length: int,
+                           use_task_mask: bool = False, unidirectional: bool = False,
+                           position_encoding_2d: bool = False) -> tuple[Layout, np.ndarray]:
+  """§7.3: the context layout [C] of a generation sample (tokens: `generation_task_input`) and the positions [G] of
+  the tokens to generate. Bidirectional: everything before <sop> bidirectional; unidirectional: fully causal.
+  1-D positions: arange; for [MASK], <sop> and all targets sit at mask_position; for [gMASK] they continue.
+  Returns (layout with tokens/position_ids/attention_mask, target_position_ids int32 [G] or [2, G]);
+  C = layout.tokens.shape[0]. `extend_for_generation` builds the full decode-time layout from these.
+  """
+  tokens, mask_position = generation_task_input(text, special_ids, use_task_mask=use_task_mask,
+                                                unidirectional=unidirectional)
   c = len(tokens)
+  if unidirectional:
+    full = unidirectional_generation_layout(tokens, max_gen_length, position_encoding_2d=position_encoding_2d)
+    return (Layout(tokens=full.tokens[:c], position_ids=full.position_ids[..., :c],
+                   attention_mask=full.attention_mask[:c, :c]), full.position_ids[..., c:])
   positions = _concat_positions(
       _context_positions(c - 1, position_encoding_2d),
-      _part_b_positions(1 + n_gen, mask_position, c - 1 if use_task_mask else None, position_encoding_2d))
+      _part_b_positions(1 + max_gen_length, mask_position, c - 1 if use_task_mask else None, position_encoding_2d))
   layout = Layout(tokens=_i32(tokens), position_ids=positions[..., :c], attention_mask=_prefix_lm_mask(c, c - 1))
   return layout, positions[..., c:]
 
