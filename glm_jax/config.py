@@ -61,7 +61,9 @@ def mesh_defaults() -> ml_collections.ConfigDict:
   mesh.data = -1  # pure data parallelism: batch split, parameters replicated
   mesh.fsdp = 1  # fully sharded data parallelism: batch split, parameters split over their 'embed' axis
   mesh.tensor = 1  # tensor (model) parallelism: heads, GeGLU width and vocabulary split
-  mesh.stage = 1  # reserved for pipelining: the stacked layer axis is mapped to it
+  # pipeline stages (glm_jax/pipeline.py): each holds ceil(num_layers / stage) consecutive layers, micro-batches
+  # stream through them (config.train.pipeline_microbatches)
+  mesh.stage = 1
   return mesh
 
 
@@ -127,6 +129,10 @@ def train_defaults() -> ml_collections.ConfigDict:
   # micro-batch by the data x fsdp mesh size). The loss is the mean over all loss tokens of the global batch,
   # whatever this value (see glm_jax/train/step.py).
   t.grad_accum_steps = 1
+  # With config.mesh.stage > 1: micro-batches streamed through the pipeline stages per forward (of each
+  # accumulation micro-batch). GPipe idles (stage - 1) / (pipeline_microbatches + stage - 1) of the stage time, so
+  # more is better, down to micro-batches of one row per data x fsdp device; 0 = as many as stages.
+  t.pipeline_microbatches = 0
   # --- Embedding Gradient Shrink (only the gradient through the input lookup is multiplied by alpha) --------------
   t.egs_alpha = 0.1  # GLM-130B's shrink_embedding_gradient_alpha; 1.0 = EGS off
   # Optional linear warm-up of alpha from egs_alpha to 1 over egs_warmup_steps updates starting at update

@@ -329,10 +329,13 @@ class GLM(nn.Module):
   weight_format: how the big matrices are stored (glm_jax/weights.py; 'in_out' is the checkpoint layout).
   decode_attention: optional f(q [R, 1, H], k, v [R, T, H], mask [B, 1, 1, T], c, heads) -> [R, 1, H] computing a
     decode step's attention (one new token with a cache, no dropout) as `attention_context` does; e.g. a CPU kernel.
+  pipeline: optional glm_jax.pipeline.Pipeline: the layer stack runs as pipeline stages over the `stage` mesh axis,
+    its stacked parameters padded to pipeline.padded_layers (training and scoring; not with a cache).
   """
   config: Any
   weight_format: str = weights.CHECKPOINT_FORMAT
   decode_attention: Callable | None = None
+  pipeline: Any = None
 
   def __post_init__(self):
     object.__setattr__(self, 'config', GLMConfig.make(self.config))
@@ -372,7 +375,14 @@ class GLM(nn.Module):
     if cfg.remat_policy != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     args = (cfg, self.weight_format, deterministic, self.decode_attention)
-    if cfg.scan_layers:
+    if self.pipeline is not None and cache is None and not self.is_initializing():
+      def block_fn(p, x, layer_id, parts, mask, key):
+        return block(*args).apply({'params': p}, x, (layer_id, None), parts, mask, None,
+                                  rngs=None if key is None else {'dropout': key})[0]
+      x_BxSxD = self.pipeline(block_fn, self.variables['params']['layers'], x_BxSxD, rope_parts, attention_mask,
+                              None if deterministic else self.make_rng('dropout'))
+      new_cache_kv = None
+    elif cfg.scan_layers:
       layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
       cache_kv = None if cache is None else (cache['k'], cache['v'])
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},

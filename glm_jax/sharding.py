@@ -98,11 +98,13 @@ def abstract_params(model, model_config):
 
 
 def init_params(model, model_config, rng, mesh: Mesh | None = None, rules=None):
-  """Initialised parameters as a plain dict, each created directly with its sharding (when a mesh is given)."""
+  """Initialised parameters as a plain dict, each created directly with its sharding (when a mesh is given); a
+  pipelined model's layer stacks padded to its stages (glm_jax/pipeline.py)."""
   boxed = abstract_params(model, model_config)
 
   def init(r):
-    return nn.meta.unbox(model.init(r, *dummy_inputs(model_config))['params'])
+    params = nn.meta.unbox(model.init(r, *dummy_inputs(model_config))['params'])
+    return params if model.pipeline is None else model.pipeline.pad_layers(params)
 
   if mesh is None:
     return jax.jit(init)(rng)
@@ -139,11 +141,14 @@ _AXIS_FIELDS = {'embed': 'hidden_size', 'heads': 'num_attention_heads', 'mlp': '
 
 def check_mesh_fits(model, model_config, rules, sizes: dict[str, int]) -> None:
   """ValueError unless every parameter dimension divides by the mesh axes the rules split it over. The message
-  names the config field, the mesh axis and the sizes of that axis that would work."""
+  names the config field, the mesh axis and the sizes of that axis that would work. (A pipelined model pads its
+  layer stacks to the stages: any layer count fits.)"""
   boxed = abstract_params(model, model_config)
   table = dict(rules)
   for path, box in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
     for dim, name in zip(box.value.shape, box.names):
+      if name == 'layers' and getattr(model, 'pipeline', None) is not None:
+        continue
       axes = _rule_axes(table.get(name))
       split = math.prod(sizes.get(a, 1) for a in axes)
       if split > 1 and dim % split:

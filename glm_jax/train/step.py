@@ -194,7 +194,7 @@ def init_train_state(model, config, rng, mesh: Mesh | None = None, rules=None) -
 # Step
 
 
-def _check_batch(batch, num_micro: int, batch_devices: int):
+def _check_batch(batch, num_micro: int, batch_devices: int, pipeline=None):
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
     raise ValueError(f'the batch lacks {missing}; a batch has {list(BATCH_KEYS)}')
@@ -204,6 +204,10 @@ def _check_batch(batch, num_micro: int, batch_devices: int):
   if (b // num_micro) % batch_devices:
     raise ValueError(f'micro-batch size {b // num_micro} (batch {b} / config.train.grad_accum_steps={num_micro}) '
                      f'is not divisible by the {batch_devices} devices the batch is split over (data x fsdp)')
+  if pipeline is not None and (b // num_micro) % (pipeline.microbatches * batch_devices):
+    raise ValueError(f'batch {b} / config.train.grad_accum_steps={num_micro} must divide into '
+                     f'config.train.pipeline_microbatches={pipeline.microbatches} micro-batches of a multiple of the '
+                     f'{batch_devices} devices the batch is split over (data x fsdp)')
   if np.dtype(batch['attention_mask'].dtype) != np.bool_:
     raise TypeError(f"batch['attention_mask'] must be bool (True = may attend), got {batch['attention_mask'].dtype}")
 
@@ -280,7 +284,7 @@ def make_train_step(model, config, mesh: Mesh | None = None, rules=None, *, dona
     signature = tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()))
     fn = compiled.get(signature)
     if fn is None:
-      _check_batch(batch, num_micro, batch_devices)
+      _check_batch(batch, num_micro, batch_devices, model.pipeline)
       fn = compiled[signature] = build(batch)
     if mesh is None:
       return fn(state, batch)
