@@ -26,7 +26,7 @@ _LAYERS = flags.DEFINE_integer('layers', 70, 'Transformer layers.')
 
 # (stages, micro-batches, layers, where): tests/test_pipeline.py's configurations, then GLM-130B's 70 layers on 8
 # stages at several micro-batch counts
-CONFIGS = [(2, 2, 6, 'test: data 4 x stage 2'), (4, 4, 6, 'test: data 2 x stage 4'),
+CONFIGS = [(2, 2, 6, 'test: stage 2'), (4, 4, 6, 'test: stage 4'),
            (2, 2, 6, 'test: data 2 x tensor 2 x stage 2'), (4, 2, 6, 'test: fsdp 2 x stage 4, 2 micro-batches')]
 CONFIGS += [(8, m, 70, 'GLM-130B layers on 8 stages') for m in (8, 16, 32, 64)]
 

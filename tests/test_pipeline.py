@@ -84,7 +84,7 @@ def test_schedule_and_bubble_are_gpipe():
   assert paper.padding_fraction() == pytest.approx(2 / 72)
 
 
-@pytest.mark.parametrize('mesh', [dict(data=4, stage=2), dict(data=2, stage=4), dict(data=2, tensor=2, stage=2),
+@pytest.mark.parametrize('mesh', [dict(stage=2), dict(stage=4), dict(data=2, tensor=2, stage=2),
                                   dict(fsdp=2, stage=4, microbatches=2)],
                          ids=['stage2', 'stage4-uneven', 'data2-tensor2-stage2', 'fsdp2-stage4-uneven'])
 def test_loss_and_gradients_equal_one_stage(reference, mesh):
