@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from glm_jax import sharding
+from glm_jax import distributed, pipeline, sharding
 from glm_jax.flops import train_flops_per_token
 from glm_jax.model import GLM, GLMConfig
 from glm_jax.train import checkpoint as ckpt
@@ -76,6 +76,16 @@ class MetricsWriter:
     self.jsonl.close()
     if self.tb is not None:
       self.tb.close()
+
+
+class _NoMetrics:
+  """The metrics writer of processes other than 0."""
+
+  def write(self, step: int, values: dict):
+    pass
+
+  def close(self):
+    pass
 
 
 class _StopSignal:
@@ -165,7 +175,8 @@ def run(config, workdir: str | Path, *, tokenizer, train_batches, heldout_fn=Non
                      f'{tokenizer.vocab_size} ids')
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.axis_rules(config)
-  model = GLM(config.model)
+  pp = pipeline.for_config(config)
+  model = GLM(config.model, pipeline=pp)
   sharding.check_mesh_fits(model, config.model, rules, dict(mesh.shape))
   # XLA:CPU runs donated buffers while Orbax may still read them for an async save; elsewhere Orbax copies first.
   train_step = make_train_step(model, config, mesh, rules, donate=jax.default_backend() != 'cpu')
@@ -173,23 +184,31 @@ def run(config, workdir: str | Path, *, tokenizer, train_batches, heldout_fn=Non
   checkpointer = ckpt.Checkpointer(workdir, keep=r.keep_checkpoints)
   start = 0
   if checkpointer.latest_step() is not None:
-    start, state, data_state, _ = checkpointer.restore(ckpt.abstract_like(state))
+    start, state, data_state, _ = checkpointer.restore(pipeline.stored_target(pp, ckpt.abstract_like(state)))
+    state = pipeline.from_stored(pp, state, train_step.state_shardings)
     train_batches.set_state(data_state)
     print(f'resumed from {checkpointer.directory / str(start)}')
   elif r.init_from:  # fine-tuning: the parameters of another run or model, a fresh optimizer and data stream
     from glm_jax import model_io
-    state = state.replace(params=model_io.load_params_like(r.init_from, state.params))
+    params = model_io.load_params_like(r.init_from, pipeline.stored_target(pp, ckpt.abstract_like(state.params)))
+    state = state.replace(params=pipeline.from_stored(pp, params, train_step.state_shardings.params))
     print(f'parameters from {r.init_from}')
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  # Many processes (glm_jax/distributed.py): process 0 writes the run's files; every process feeds its own shards
+  # of the same global batch.
+  primary, feed, stop_agreed = distributed.is_primary(), lambda b: b, distributed.LaggedAny()
+  if jax.process_count() > 1:
+    feed = lambda b: distributed.global_batch(b, mesh, rules)  # noqa: E731
+  if primary:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   eval_fn = make_eval_fn(model, config, mesh, rules) if heldout_fn is not None else None
   peak = r.peak_flops or measure_peak_flops()
   flops_per_token = train_flops_per_token(GLMConfig.make(config.model), config.train.seq_len)
-  writer = MetricsWriter(workdir, r.tensorboard)
+  writer = MetricsWriter(workdir, r.tensorboard) if primary else _NoMetrics()
   meta = {'config': json.loads(config.to_json_best_effort()), 'glm_jax': 'checkpoint format 1'}
 
   bar = None
-  if progress:
+  if progress and primary:
     from tqdm import tqdm
     bar = tqdm(total=r.steps, initial=start, desc='train', unit='step', dynamic_ncols=True)
   last = {}
@@ -199,7 +218,7 @@ def run(config, workdir: str | Path, *, tokenizer, train_batches, heldout_fn=Non
     with _StopSignal() as stop:
       while step < r.steps:
         batch = next(train_batches)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, feed(batch))
         step += 1
         _fault_point('after_step', step)
         tokens_since += int(np.prod(batch['tokens'].shape))
@@ -222,18 +241,20 @@ def run(config, workdir: str | Path, *, tokenizer, train_batches, heldout_fn=Non
             bar.write(f"step {step}: held-out loss {ev['heldout_loss']:.4f}, bits per byte {ev['heldout_bpb']:.4f}")
         if bar is not None:
           bar.update(1)
-        stopping = stop.received is not None
+        stopping = stop_agreed(stop.received is not None)  # many processes: all stop after the same step
         if step % r.save_every == 0 or step == r.steps or stopping:
-          checkpointer.save(step, state, train_batches.get_state(), meta, force=True)
+          checkpointer.save(step, pipeline.to_stored(pp, state), train_batches.get_state(), meta, force=True)
           _fault_point('save_started', step)
           checkpointer.wait()
           _fault_point('after_save', step)
         if stopping:
-          print(f'\n{stop.received}: saved step {step} to {checkpointer.directory}; rerun to resume')
+          print(f'\n{stop.received or "a signal to another process"}: saved step {step} to '
+                f'{checkpointer.directory}; rerun to resume')
           break
   finally:
     if bar is not None:
       bar.close()
     checkpointer.close()
     writer.close()
-  return {'step': step, 'params': state.params, **{k: v for k, v in last.items() if k != 'time'}}
+  params = pipeline.to_stored(pp, state.params)
+  return {'step': step, 'params': params, **{k: v for k, v in last.items() if k != 'time'}}
