@@ -242,15 +242,15 @@ def test_load_model_names_a_config_that_does_not_fit_the_parameters(uninterrupte
 
 
 def test_fine_tuning_starts_from_another_runs_parameters_on_another_mesh(uninterrupted, run_inputs, tmp_path):
-  """--config.run.init_from=RUN: a new run on a (data 2, tensor 2) mesh starts from RUN's final parameters with a
-  fresh optimizer (at learning rate 0 they stay bit for bit RUN's; its Adam moments are its own two steps'); a model
+  """--config.run.init_from=RUN: a new run on a (tensor 2, stage 2) mesh, pipelined, starts from RUN's final
+  parameters with a fresh optimizer (at learning rate 0 they stay bit for bit RUN's; its Adam moments are its own two steps'); a model
   whose shapes differ is one line naming the parameter, exit 2."""
   import jax
   want, source_opt = _final_params(uninterrupted[0])
   workdir = tmp_path / 'ft'
   proc = _run(workdir, run_inputs, NO_TB, f'--config.run.init_from={uninterrupted[0]}', '--config.run.steps=2',
               '--config.run.save_every=2', '--config.run.eval_every=2', '--config.train.learning_rate=0',
-              '--config.mesh.data=2', '--config.mesh.tensor=2', JAX_NUM_CPU_DEVICES='4')
+              '--config.mesh.data=1', '--config.mesh.tensor=2', '--config.mesh.stage=2', JAX_NUM_CPU_DEVICES='4')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'parameters from {uninterrupted[0]}' in proc.stdout
   path = workdir / 'checkpoints' / '2' / 'state'
