@@ -40,8 +40,8 @@ LAYER_MATRICES = {'attention.query_key_value.weight': ('attention', 'qkv_kernel'
                   'mlp.dense_4h_to_h.weight': ('mlp', '4h_to_h_kernel')}
 
 
-def _layer_mappings(cfg: GLMConfig):
-  """(SAT key suffix, (group, leaf), SAT -> ours, ours -> SAT) for one layer."""
+def layer_mappings(cfg: GLMConfig):
+  """(SAT key suffix, (group, leaf), SAT -> ours, ours -> SAT) for one layer, in SAT's state-dict order."""
   d, n, h, f = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.inner_hidden_size
   same = (lambda w: w, lambda w: w)
   return [
@@ -57,28 +57,29 @@ def _layer_mappings(cfg: GLMConfig):
       ('attention.dense.bias', ('attention', 'dense_bias'), *same),
       ('post_attention_layernorm.weight', ('post_attention_layernorm', 'scale'), *same),
       ('post_attention_layernorm.bias', ('post_attention_layernorm', 'bias'), *same),
+      ('mlp.dense_4h_to_h.weight', ('mlp', '4h_to_h_kernel'), lambda w: w.T, lambda k: k.T),
+      ('mlp.dense_4h_to_h.bias', ('mlp', '4h_to_h_bias'), *same),
       ('mlp.dense_h_to_4h.weight', ('mlp', 'h_to_4h_kernel'),
        lambda w: w.reshape(2, f, d).transpose(2, 0, 1), lambda k: k.transpose(1, 2, 0).reshape(2 * f, d)),
       ('mlp.dense_h_to_4h.bias', ('mlp', 'h_to_4h_bias'), lambda b: b.reshape(2, f), lambda b: b.reshape(2 * f)),
-      ('mlp.dense_4h_to_h.weight', ('mlp', '4h_to_h_kernel'), lambda w: w.T, lambda k: k.T),
-      ('mlp.dense_4h_to_h.bias', ('mlp', '4h_to_h_bias'), *same),
   ]
 
 
-def _expected_sat_shapes(cfg: GLMConfig) -> dict[str, tuple[int, ...]]:
+def expected_sat_shapes(cfg: GLMConfig) -> dict[str, tuple[int, ...]]:
+  """Every SAT key of the model (TP=1) and its shape, in SAT's state-dict order."""
   d, f, v = cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size
   per_layer = {
       'input_layernorm.weight': (d,), 'input_layernorm.bias': (d,),
       'attention.query_key_value.weight': (3 * d, d), 'attention.query_key_value.bias': (3 * d,),
       'attention.dense.weight': (d, d), 'attention.dense.bias': (d,),
       'post_attention_layernorm.weight': (d,), 'post_attention_layernorm.bias': (d,),
-      'mlp.dense_h_to_4h.weight': (2 * f, d), 'mlp.dense_h_to_4h.bias': (2 * f,),
       'mlp.dense_4h_to_h.weight': (d, f), 'mlp.dense_4h_to_h.bias': (d,),
+      'mlp.dense_h_to_4h.weight': (2 * f, d), 'mlp.dense_h_to_4h.bias': (2 * f,),
   }
-  shapes = {'transformer.word_embeddings.weight': (v, d),
-            'transformer.final_layernorm.weight': (d,), 'transformer.final_layernorm.bias': (d,)}
+  shapes = {'transformer.word_embeddings.weight': (v, d)}
   for layer in range(cfg.num_layers):
     shapes.update({f'transformer.layers.{layer}.{k}': s for k, s in per_layer.items()})
+  shapes.update({'transformer.final_layernorm.weight': (d,), 'transformer.final_layernorm.bias': (d,)})
   return shapes
 
 
@@ -102,7 +103,7 @@ def from_sat_state_dict(state_dict, model_config, *, layer_matrices: bool = True
   leaves the four matrices of each layer (LAYER_MATRICES, and their `_scale` keys) to the caller: quantize/sat.py.
   """
   cfg = GLMConfig.make(model_config)
-  expected = _expected_sat_shapes(cfg)
+  expected = expected_sat_shapes(cfg)
   if not layer_matrices:
     expected = {k: v for k, v in expected.items() if not is_layer_matrix(k)}
     state_dict = {k: v for k, v in state_dict.items() if not is_layer_matrix(k)}
@@ -120,7 +121,7 @@ def from_sat_state_dict(state_dict, model_config, *, layer_matrices: bool = True
     arrays[key] = a.astype(cfg.weight_dtype)
 
   layers: dict = {}
-  for suffix, (group, leaf), to_ours, _ in _layer_mappings(cfg):
+  for suffix, (group, leaf), to_ours, _ in layer_mappings(cfg):
     if not layer_matrices and suffix in LAYER_MATRICES:
       continue
     stacked = np.stack([to_ours(arrays[f'transformer.layers.{l}.{suffix}']) for l in range(cfg.num_layers)])
@@ -151,7 +152,7 @@ def to_sat_state_dict(params, model_config, *, weight_format: str = 'in_out',
         {'word_embeddings': params['word_embeddings']}, specs, weight_format)['word_embeddings'])
   params = weights.stack_layers(params)
   checks = {'word_embeddings': (params['word_embeddings'], specs['word_embeddings'].checkpoint_shape)}
-  for suffix, (group, leaf), _, _ in _layer_mappings(cfg):
+  for suffix, (group, leaf), _, _ in layer_mappings(cfg):
     if leaf in specs and (layer_matrices or suffix not in LAYER_MATRICES):
       checks[leaf] = (params['layers'][group][leaf], (cfg.num_layers,) + specs[leaf].checkpoint_shape)
   for leaf, (w, shape) in checks.items():
@@ -163,7 +164,7 @@ def to_sat_state_dict(params, model_config, *, weight_format: str = 'in_out',
       'transformer.final_layernorm.weight': np.asarray(params['final_layernorm']['scale']),
       'transformer.final_layernorm.bias': np.asarray(params['final_layernorm']['bias']),
   }
-  for suffix, (group, leaf), _, to_sat in _layer_mappings(cfg):
+  for suffix, (group, leaf), _, to_sat in layer_mappings(cfg):
     if not layer_matrices and suffix in LAYER_MATRICES:
       continue
     stacked = np.asarray(params['layers'][group][leaf])
@@ -180,37 +181,54 @@ _COLUMN_PARALLEL = re.compile(r'word_embeddings\.weight$|query_key_value\.(weigh
 _GLU = re.compile(r'mlp\.dense_h_to_4h\.(weight|bias)$')  # per rank [V_r; G_r]
 
 
+def merge_key(key: str, parts: list[np.ndarray]) -> np.ndarray:
+  """One key's per-rank arrays (rank order) -> its TP=1 array."""
+  if _ROW_PARALLEL_INPUT.search(key):
+    return np.concatenate(parts, axis=1)
+  if _COLUMN_PARALLEL.search(key):
+    return np.concatenate(parts, axis=0)
+  if _GLU.search(key):
+    halves = [np.split(p, 2, axis=0) for p in parts]
+    return np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
+  return parts[0]  # replicated (LayerNorms, row-parallel biases): every rank holds the same copy
+
+
+def split_key(key: str, a: np.ndarray, tp: int) -> list[np.ndarray]:
+  """One key's TP=1 array -> its `tp` per-rank arrays (views where the split allows), the inverse of merge_key."""
+  if _ROW_PARALLEL_INPUT.search(key):
+    return np.split(a, tp, axis=1)
+  if _COLUMN_PARALLEL.search(key):
+    return np.split(a, tp, axis=0)
+  if _GLU.search(key):
+    chunks = np.split(a, 2 * tp, axis=0)
+    return [np.concatenate([chunks[r], chunks[tp + r]], axis=0) for r in range(tp)]
+  return [a] * tp
+
+
+def rank_shape(key: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+  """The shape each of `tp` ranks holds of a key whose TP=1 shape is `shape` (ValueError if it does not divide)."""
+  axis = 1 if _ROW_PARALLEL_INPUT.search(key) else 0 if _COLUMN_PARALLEL.search(key) or _GLU.search(key) else None
+  if axis is None:
+    return tuple(shape)
+  if shape[axis] % (2 * tp if _GLU.search(key) else tp):
+    raise ValueError(f'{key}: dimension {shape[axis]} does not split over {tp} tensor-parallel ranks')
+  return tuple(n // tp if i == axis else n for i, n in enumerate(shape))
+
+
+def is_split_by_rows(key: str) -> bool:
+  """Whether the ranks hold contiguous row ranges of the key (the embedding, query_key_value)."""
+  return bool(_COLUMN_PARALLEL.search(key))
+
+
 def merge_tensor_parallel(shards: list[dict]) -> dict:
   """Per-rank SAT state dicts (rank order) -> one TP=1 state dict."""
-  merged = {}
-  for key in shards[0]:
-    parts = [to_numpy(s[key]) for s in shards]
-    if _ROW_PARALLEL_INPUT.search(key):
-      merged[key] = np.concatenate(parts, axis=1)
-    elif _COLUMN_PARALLEL.search(key):
-      merged[key] = np.concatenate(parts, axis=0)
-    elif _GLU.search(key):
-      halves = [np.split(p, 2, axis=0) for p in parts]
-      merged[key] = np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
-    else:  # replicated (LayerNorms, row-parallel biases): every rank holds the same copy
-      merged[key] = parts[0]
-  return merged
+  return {key: merge_key(key, [to_numpy(s[key]) for s in shards]) for key in shards[0]}
 
 
 def split_tensor_parallel(state_dict: dict, tp: int) -> list[dict]:
   """A TP=1 SAT state dict -> `tp` per-rank dicts, the inverse of merge_tensor_parallel."""
   shards = [{} for _ in range(tp)]
   for key, value in state_dict.items():
-    a = to_numpy(value)
-    if _ROW_PARALLEL_INPUT.search(key):
-      pieces = np.split(a, tp, axis=1)
-    elif _COLUMN_PARALLEL.search(key):
-      pieces = np.split(a, tp, axis=0)
-    elif _GLU.search(key):
-      chunks = np.split(a, 2 * tp, axis=0)
-      pieces = [np.concatenate([chunks[r], chunks[tp + r]], axis=0) for r in range(tp)]
-    else:
-      pieces = [a] * tp
-    for r in range(tp):
-      shards[r][key] = pieces[r]
+    for shard, piece in zip(shards, split_key(key, to_numpy(value), tp)):
+      shard[key] = piece
   return shards
