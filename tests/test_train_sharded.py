@@ -14,8 +14,9 @@ from glm_jax.sharding import mesh_shape
 from glm_jax.train import init_train_state, make_train_step, state_shardings
 from tests.conftest import load_config
 
-# inner 172 so that the GeGLU width splits 4 ways; vocab 128 splits over tensor, hidden 64 over fsdp
-MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=172, vocab_size=128,
+# 8 heads and inner 176 so that the heads and the GeGLU width split 8 ways; vocab 128 splits over tensor, hidden 64
+# over fsdp
+MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=8, inner_hidden_size=176, vocab_size=128,
              max_sequence_length=64)
 B, S, STEPS = 16, 16, 3
 MESHES = [(2, 2, 2), (1, 2, 4), (8, 1, 1)]
@@ -78,7 +79,7 @@ def test_state_is_created_sharded(reference):
   sizes = mesh_shape(config.mesh, 8)
   assert state0.params['word_embeddings'].addressable_shards[0].data.shape == (128 // sizes['tensor'],
                                                                                 64 // sizes['fsdp'])
-  assert mu['layers']['mlp']['h_to_4h_kernel'].addressable_shards[0].data.shape == (2, 32, 2, 172 // 2)
+  assert mu['layers']['mlp']['h_to_4h_kernel'].addressable_shards[0].data.shape == (2, 32, 2, 176 // 2)
   # (That a sharded init gives the one-device values is tests/test_sharding.py's check of init_params.)
 
 
@@ -106,8 +107,8 @@ def test_sharded_training_equals_one_device(reference, shape):
   assert moved > 5 * 1e-4 * scale
 
 
-@pytest.mark.parametrize('target', [(1, 8, 1, 1), (4, 2, 1, 1), (1, 2, 2, 2), None],
-                         ids=['1x8x1', '4x2x1', 'stage2', 'one-device'])
+@pytest.mark.parametrize('target', [(1, 1, 8, 1), (1, 8, 1, 1), (4, 2, 1, 1), (1, 2, 2, 2), None],
+                         ids=['1x1x8', '1x8x1', '4x2x1', 'stage2', 'one-device'])
 def test_checkpoint_restores_onto_another_mesh(reference, tmp_path, target):
   """A train state saved from the (2, 2, 2) mesh restores bit for bit onto another mesh shape (data, fsdp, tensor,
   stage), a stage-split one, and a single device, each array laid out as the target's rules say."""
