@@ -220,6 +220,7 @@ def make_train_step(model, config, mesh: Mesh | None = None, rules=None, *, dona
   metrics (scalars): loss (mean CE over loss tokens), grad_norm (global norm of the EGS-folded, unscaled gradient
   before clipping), learning_rate and egs_alpha (the values this update used), loss_scale (the scale this step
   used), skipped (1 when the gradients were not finite and nothing was updated), tokens (loss tokens in the batch).
+  train_step.lower(state, batch) lowers the step for such (possibly abstract) arguments without running it.
   """
   t = config.train
   tx = make_optimizer(t)
@@ -291,6 +292,15 @@ def make_train_step(model, config, mesh: Mesh | None = None, rules=None, *, dona
     with sharding.activate(mesh, rules):
       return fn(state, batch)
 
+  def lower(state, batch):
+    """The step lowered, not run, for these (possibly abstract: jax.ShapeDtypeStruct) state and batch: for
+    compiling ahead of time, e.g. to read its memory analysis (glm_jax/memory.py)."""
+    batch = dict(batch)
+    _check_batch(batch, num_micro, batch_devices, model.pipeline)
+    with sharding.activate(mesh, rules):
+      return build(batch).lower(state, batch)
+
   train_step.optimizer = tx
   train_step.state_shardings = shardings
+  train_step.lower = lower
   return train_step
