@@ -43,21 +43,29 @@ def save_model(directory: str | Path, params, config, *, weight_format: str = 'i
   weights.get(weight_format)
   config = ml_collections.ConfigDict(config.to_dict())
   config.weight_format = weight_format
+  with atomic_directory(directory) as tmp:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp / 'params', params, save_args=layer_chunked_save_args(params))
+      checkpointer.wait_until_finished()
+    (tmp / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  return Path(directory).resolve()
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path):
+  """A temporary directory next to `directory` (which must not exist), renamed to it when the block succeeds and
+  removed when it fails, so that an output appears only complete."""
   directory = Path(directory).resolve()
   if directory.exists():
     raise ValueError(f'{directory} already exists; choose a new output directory')
   directory.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f'.{directory.name}.tmp-', dir=directory.parent))
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp / 'params', params, save_args=layer_chunked_save_args(params))
-      checkpointer.wait_until_finished()
-    (tmp / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    yield tmp
     os.replace(tmp, directory)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
-  return directory
 
 
 # A streamed checkpoint stores arrays that are not stacked layers (the embedding [V, D]) in chunks of rows of at most
@@ -441,13 +449,8 @@ def write_sat_shards(directory: str | Path, shards: list[dict], *, iteration: in
   ones (quantized weights) as they are; a `..._scale` array (quantization scales) stays float16."""
   import torch
 
-  directory = Path(directory).resolve()
-  if directory.exists():
-    raise ValueError(f'{directory} already exists; choose a new output directory')
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{directory.name}.tmp-', dir=directory.parent))
   torch_dtype = {'float16': torch.float16, 'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
-  try:
+  with atomic_directory(directory) as tmp:
     (tmp / str(iteration)).mkdir()
     for rank, shard in enumerate(shards):
       tensors = {}
@@ -460,8 +463,4 @@ def write_sat_shards(directory: str | Path, shards: list[dict], *, iteration: in
           tensors[k] = torch.from_numpy(np.ascontiguousarray(v.astype(np.float32))).to(dt)
       torch.save({'module': tensors}, tmp / str(iteration) / f'mp_rank_{rank:02d}_model_states.pt')
     (tmp / 'latest').write_text(str(iteration))
-    os.replace(tmp, directory)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
-  return directory
+  return Path(directory).resolve()

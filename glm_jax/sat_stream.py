@@ -30,9 +30,7 @@ import contextlib
 import json
 import mmap
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import jax
@@ -204,22 +202,6 @@ def _read_tree(stored: model_io.StoredParams, keys, index=None):
 # Writers of SAT tensors
 
 
-@contextlib.contextmanager
-def _atomic_directory(directory: str | Path):
-  """A temporary directory next to `directory` (which must not exist), renamed to it when the block succeeds."""
-  directory = Path(directory).resolve()
-  if directory.exists():
-    raise ValueError(f'{directory} already exists; choose a new output directory')
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{directory.name}.tmp-', dir=directory.parent))
-  try:
-    yield tmp
-    os.replace(tmp, directory)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
-
-
 class SatRanksWriter:
   """`tp` SAT rank files in `folder` (mp_rank_XX_model_states.pt), created with every key of `shapes` (TP=1 shapes,
   in order) at its rank's shape in `dtype`, then filled by write() with TP=1 tensors, split here; close() when done."""
@@ -290,7 +272,7 @@ def export_sat(checkpoint: str | Path, out: str | Path, *, tp: int = 1, dtype: s
   shapes = sat_convert.expected_sat_shapes(cfg)
   for key, shape in shapes.items():
     sat_convert.rank_shape(key, shape, tp)  # a ValueError before anything is written
-  with _atomic_directory(out) as tmp:
+  with model_io.atomic_directory(out) as tmp:
     (tmp / str(iteration)).mkdir()
     ranks = SatRanksWriter(tmp / str(iteration), shapes, tp, dtype)
     try:
@@ -367,7 +349,7 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, *, dtype: str = 
   model_io.release_freed_memory()
   stored = model_io.StoredParams(checkpoint)
   shapes = sat_convert.expected_sat_shapes(GLMConfig.make(stored.config.model))
-  with _atomic_directory(out) as tmp:
+  with model_io.atomic_directory(out) as tmp:
     files = _SafetensorsWriter(tmp, shapes, dtype, max_shard_bytes)
     try:
       for key, row, value in _sat_tensors(stored, dtype):
