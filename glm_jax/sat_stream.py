@@ -274,16 +274,22 @@ def export_sat(checkpoint: str | Path, out: str | Path, *, tp: int = 1, dtype: s
     sat_convert.rank_shape(key, shape, tp)  # a ValueError before anything is written
   with model_io.atomic_directory(out) as tmp:
     (tmp / str(iteration)).mkdir()
-    ranks = SatRanksWriter(tmp / str(iteration), shapes, tp, dtype)
-    try:
-      for key, row, value in _sat_tensors(stored, dtype):
-        ranks.write(key, row, value)
-        del value
-        model_io.release_freed_memory()
-    finally:
-      ranks.close()
+    _write_sat_tensors(SatRanksWriter(tmp / str(iteration), shapes, tp, dtype), stored, dtype)
     (tmp / 'latest').write_text(str(iteration))
   return Path(out).resolve()
+
+
+def _write_sat_tensors(writer, stored: model_io.StoredParams, dtype: str):
+  """Every SAT tensor of `stored` through writer.write(key, row, value), one at a time (each freed before the next is
+  read); closes the writer and returns it."""
+  try:
+    for key, row, value in _sat_tensors(stored, dtype):
+      writer.write(key, row, value)
+      del value
+      model_io.release_freed_memory()
+  finally:
+    writer.close()
+  return writer
 
 
 class _SafetensorsWriter:
@@ -350,14 +356,7 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, *, dtype: str = 
   stored = model_io.StoredParams(checkpoint)
   shapes = sat_convert.expected_sat_shapes(GLMConfig.make(stored.config.model))
   with model_io.atomic_directory(out) as tmp:
-    files = _SafetensorsWriter(tmp, shapes, dtype, max_shard_bytes)
-    try:
-      for key, row, value in _sat_tensors(stored, dtype):
-        files.write(key, row, value)
-        del value
-        model_io.release_freed_memory()
-    finally:
-      files.close()
+    files = _write_sat_tensors(_SafetensorsWriter(tmp, shapes, dtype, max_shard_bytes), stored, dtype)
     files.check_complete()
     index = {'metadata': {'total_size': files.total_size}, 'weight_map': files.weight_map}
     (tmp / 'model.safetensors.index.json').write_text(json.dumps(index, indent=2))
