@@ -3,7 +3,8 @@ allocating the model.
 
     python launch/inspect_model.py --config configs/glm_130b.py --config.mesh.tensor=8
     python launch/inspect_model.py --config configs/glm_130b.py --config.mesh.tensor=4 --config.mesh.stage=8 \
-        --config.train.batch_size=176 --config.train.pipeline_microbatches=176 --config.model.remat_policy=full --compile
+        --config.train.batch_size=176 --config.train.grad_accum_steps=22 --config.train.pipeline_microbatches=8 \
+        --config.model.remat_policy=full --compile
     python launch/inspect_model.py --config configs/glm_130b.py --config.mesh.tensor=1 --quantization-bit-width 4
     python launch/inspect_model.py --config configs/tiny.py --forward     # also runs a forward pass
 
