@@ -134,7 +134,7 @@ def main(argv=None):
       result[b] = (float(np.median(steps)), nbytes + kv)
       print(f'  batch {b}: {result[b][0] * 1e3:.2f} ms/step (first calls, compile included: {compile_s:.0f} s)',
             flush=True)
-    del params
+    params = None  # the device memory goes before the next model is made (run() holds the variable, not a copy)
     return result
 
   if args.derive:

@@ -4,12 +4,17 @@ For each config (default: `small`, and `large`: the small config at hidden 2048,
 layers, whose INT4 layer weights are about 505 MB, far beyond the caches) and each weight format (fp32: the decoder's
 default, the packed CPU kernel; int8; int4), one `Decoder` decodes random prompts greedily at batch 1 and 8:
 
-  1. the step time is (time of N new tokens - time of N/2) / (N - N/2), the same compiled program (same buckets);
-     tokens/s = batch / step time; median over --repeats rounds, formats interleaved within a round;
+  1. the step time is (time of N new tokens - time of N/2) / (N - N/2), the same compiled program (same buckets),
+     after an untimed run of N/2 (else the first run pays for caches the previous format filled); tokens/s = batch /
+     step time; median over --repeats rounds, formats interleaved within a round;
   2. bytes per step = every weight the decoder holds (each read once per step: the layer matrices in their format,
      the fp32 tied embedding, biases and LayerNorms) + the key/value cache columns a step attends;
   3. the bound = bytes per step / the machine's best read rate, measured by benchmarks/common.py's probes in the same
      rounds; the fraction of the bound is the bound's step time / the measured step time.
+
+Then the INT8 and INT4 products alone on each path this CPU has (glm_jax/cpu_kernels.py: 'float', and the integer
+'vnni256' / 'vnni512' where the CPU has VNNI; decoding takes the last): the larger config's GeGLU input matrix at one
+row, in GB/s of weights read, 16 copies in turn so that the weights come from memory.
 
 Targets (issue 13), batch 1 on the larger config: INT8 at least 2x fp32 tokens/s, INT4 at least 2.5x, both at 75% or
 more of their own bound. Random weights (std 0.02, the final LayerNorm negated so that greedy decoding does not copy
@@ -76,6 +81,35 @@ def random_params(np, model, cfg, seed):
   return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+def path_rates(jax, jnp, np, cfg, bits, seed, copies=16, repeats=10):
+  """{path: GB/s of weights} of one row times the GeGLU input matrix [2 F, H] quantized to `bits`, `copies` of it in
+  turn."""
+  import time
+
+  import quantize
+  from glm_jax import cpu_kernels
+  from quantize import kernels
+  rng = np.random.default_rng(seed)
+  o, i = 2 * cfg.inner_hidden_size, cfg.hidden_size
+  q, scale = quantize.quantize_weight((rng.standard_normal((o, i), dtype=np.float32) * 0.02).astype(np.float16),
+                                     bits)
+  qs = [jnp.asarray(q) + 0 * c for c in range(copies)]
+  scale = jnp.asarray(scale.reshape(o, 1))
+  x = jnp.asarray(rng.standard_normal((1, i), dtype=np.float32))
+  rates = {}
+  for path in cpu_kernels.quantized_paths():
+    product = jax.jit(lambda x, s, *qs, path=path: [cpu_kernels.quantized_matmul(
+        x, q, s, bits, reference=kernels.xla_matmul, path=path) for q in qs])
+    jax.block_until_ready(product(x, scale, *qs))
+    best = float('inf')
+    for _ in range(repeats):
+      t = time.perf_counter()
+      jax.block_until_ready(product(x, scale, *qs))
+      best = min(best, time.perf_counter() - t)
+    rates[path] = copies * q.nbytes / best / 1e9
+  return rates
+
+
 def main(argv=None):
   args = parse_args(argv)
   notes = cpu_threads.limit_threads(args.threads)
@@ -98,6 +132,7 @@ def main(argv=None):
   while D.bucket_length(n_short) != D.bucket_length(n_new):
     n_short += 1
   rows = []
+  paths = {}
   for name in args.configs:
     config, _ = common.fp32_config('small')
     if name == 'large':
@@ -127,6 +162,7 @@ def main(argv=None):
       steps = {fmt: [] for fmt in FORMATS}
       for r in range(args.repeats):
         for fmt in (FORMATS if r % 2 == 0 else FORMATS[::-1]):
+          run(fmt, n_short)  # untimed: the long run does not start in caches another format just filled
           _, w_long, _ = common.timed(lambda fmt=fmt: run(fmt, n_new))
           _, w_short, _ = common.timed(lambda fmt=fmt: run(fmt, n_short))
           steps[fmt].append((w_long - w_short) / (n_new - n_short))
@@ -141,12 +177,19 @@ def main(argv=None):
         agree = float(np.mean(tokens[fmt] == tokens['fp32']))
         rows.append((name, b, fmt, b / step, fp32_step / step, bound / step, agree))
       print(f'[{name}] batch {b}: bandwidth {bandwidth / 1e9:.1f} GB/s ({source})', flush=True)
+    if name == 'large':
+      paths = {bits: path_rates(jax, jnp, np, cfg, bits, args.seed) for bits in (8, 4)}
 
   print(f'\n{"config":7} {"batch":>5} {"format":6} {"tokens/s":>9} {"vs fp32":>8} {"of bound":>9} {"tokens = fp32":>14}')
   for name, b, fmt, tps, speedup, frac, agree in rows:
     print(f'{name:7} {b:5d} {fmt:6} {tps:9.1f} {speedup:7.2f}x {frac:9.1%} {agree:14.1%}')
   print('\n(tokens = fp32: the share of generated tokens equal to fp32 decoding\'s; quantized weights change the model, '
         'so greedy paths part once a near tie is decided differently)')
+  if paths:
+    print(f'\nproduct paths, one row x [{2 * LARGE["inner_hidden_size"]}, {LARGE["hidden_size"]}], GB/s of weights '
+          '(decoding uses the last):')
+    for bits, rates in paths.items():
+      print(f'  int{bits}: ' + ', '.join(f'{p} {r:.1f} ({r / rates["float"]:.2f}x float)' for p, r in rates.items()))
   for name, b, fmt, tps, speedup, frac, _ in rows:
     if name == 'large' and b == 1 and fmt != 'fp32':
       want = 2.0 if fmt == 'int8' else 2.5

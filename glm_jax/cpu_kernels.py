@@ -3,7 +3,7 @@
 decode_context: a decode step's attention, reading only the cache columns that each row's mask allows. XLA:CPU
 computes it as batched matrix-vector products over the whole padded cache (prompt bucket + generation bucket, on one
 thread), so a step reads every column of the cache however few are in use. The kernel reads the allowed columns only
-and splits the rows over XLA's intra-op thread pool; the math is the model's (`model.attention_context`, which the
+and splits the rows over helper threads (csrc/parallel.h); the math is the model's (`model.attention_context`, which the
 decoder passes in with the model's masked-score value): scores q.k * c, masked ones at masked_score * c, softmax over
 all columns, then the weighted values. A masked column's weight exp(masked_score * c - max) is exactly zero unless
 every allowed score lies within ~88 of the fill; the kernel then falls back to attending over every column itself.
@@ -17,7 +17,8 @@ GLM_JAX_CPU_KERNELS=0, compares the two).
 quantized_matmul: x @ W.T for GLM-130B's INT8 / INT4 weights (quantize/format.py's layout, the formats of
 quantize/formats.py), converted to float in registers as they are read: a decode step reads an eighth (INT4) of the
 fp32 bytes. XLA's own formulation dequantizes the whole matrix into memory on every call (measured about 15x slower
-than an fp32 matrix-vector product for INT8).
+than an fp32 matrix-vector product for INT8). On a CPU with VNNI (AVX-VNNI, AVX-512 VNNI) the products are integer dot
+products instead, x rounded to 22 bits below its row's largest element (csrc/vnni_matmul.h says why and how exact).
 
 All are compiled with the system C++ compiler ($CXX, else g++) against jax's FFI headers into one library, cached
 under $GLM_JAX_CACHE (default ~/.cache/glm_jax). They need an x86-64 CPU with AVX2 and FMA. Without a compiler or such
@@ -48,15 +49,22 @@ import numpy as np
 
 from glm_jax import weights
 
-_SOURCES = tuple(Path(__file__).parent / 'csrc' / name
-                 for name in ('decode_attention.cc', 'packed_matmul.cc', 'quantized_matmul.cc'))
-_HEADERS = (Path(__file__).parent / 'csrc' / 'parallel.h',)
+_CSRC = Path(__file__).parent / 'csrc'
+_SOURCES = tuple(_CSRC / name for name in ('decode_attention.cc', 'packed_matmul.cc', 'quantized_matmul.cc'))
+_HEADERS = (_CSRC / 'parallel.h', _CSRC / 'vnni_matmul.h')
+# vnni_matmul.cc once per instruction set, each object called only on a CPU that has it (quantized_matmul.cc checks)
+_VNNI = _CSRC / 'vnni_matmul.cc'
+_VNNI_VARIANTS = (('-mavx2', '-mfma', '-mavxvnni'),
+                  ('-mavx2', '-mfma', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512vnni', '-DGLM_VNNI_ZMM'))
 _TARGETS = {'glm_jax_decode_attention': 'GlmDecodeAttention', 'glm_jax_packed_matmul': 'GlmPackedMatmul',
             'glm_jax_quantized_matmul': 'GlmQuantizedMatmul'}
 TILE_ROWS = 4  # rows of W per tile of the packed layout (kRows in packed_matmul.cc)
-_FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-shared', '-fPIC')
+_FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-fPIC')
+# quantized_matmul.cc's paths (its PathMask): 'float' on any AVX2 CPU, integer dot products on 256-bit (AVX-VNNI) or
+# 512-bit (AVX-512 VNNI) vectors where the CPU has them
+QUANTIZED_PATHS = {'float': 1, 'vnni256': 2, 'vnni512': 4}
 _lock = threading.Lock()
-_state: dict = {}  # 'ok': bool once decided; 'why': the reason it is off
+_state: dict = {}  # 'ok': bool once decided; 'why': the reason it is off; 'paths': QUANTIZED_PATHS' mask
 
 
 def _cpu_supports_avx2_fma() -> bool:
@@ -69,31 +77,44 @@ def _cpu_supports_avx2_fma() -> bool:
   return {'avx2', 'fma'} <= set(flags.split(':', 1)[1].split())
 
 
+def _run_compiler(args, what: str) -> None:
+  proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+  if proc.returncode != 0:
+    first = next((line for line in proc.stderr.splitlines() if 'error' in line), proc.stderr.strip()[:200])
+    raise RuntimeError(f'{args[0]} failed on {what}: {first}')
+
+
 def _compile() -> Path:
-  """The shared library, built once per sources, compiler flags and jax version (OSError / RuntimeError if not)."""
+  """The shared library, built once per sources, compiler flags and jax version (OSError / RuntimeError if not). A
+  compiler that cannot build the VNNI objects gets the library without them (quantized products then take the
+  float path)."""
   cxx = shutil.which(os.environ.get('CXX', 'g++'))
   if cxx is None:
     raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
   include = jax.ffi.include_dir()
-  key = hashlib.sha256(b'\0'.join([*(f.read_bytes() for f in _SOURCES + _HEADERS), ' '.join(_FLAGS).encode(),
-                                   cxx.encode(), jax.__version__.encode()])).hexdigest()[:16]
+  key = hashlib.sha256(b'\0'.join([*(f.read_bytes() for f in _SOURCES + _HEADERS + (_VNNI,)),
+                                   repr((_FLAGS, _VNNI_VARIANTS)).encode(), cxx.encode(),
+                                   jax.__version__.encode()])).hexdigest()[:16]
   cache = Path(os.environ.get('GLM_JAX_CACHE', Path.home() / '.cache' / 'glm_jax')) / 'cpu_kernels'
   library = cache / f'cpu_kernels-{key}.so'
   if library.exists():
     return library
   cache.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.cpu_kernels-', suffix='.so', dir=cache)
-  os.close(fd)
-  try:
-    proc = subprocess.run([cxx, *_FLAGS, '-isystem', include, *map(str, _SOURCES), '-o', tmp], capture_output=True,
-                          text=True, timeout=300)
-    if proc.returncode != 0:
-      first = next((line for line in proc.stderr.splitlines() if 'error' in line), proc.stderr.strip()[:200])
-      raise RuntimeError(f'{cxx} failed on {", ".join(f.name for f in _SOURCES)}: {first}')
-    os.replace(tmp, library)  # atomic: concurrent builders each write their own file, one wins
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  with tempfile.TemporaryDirectory(prefix='.cpu_kernels-', dir=cache) as tmp:
+    common = [*_FLAGS, '-isystem', include]
+    try:
+      objects = []
+      for i, flags in enumerate(_VNNI_VARIANTS):
+        objects.append(f'{tmp}/vnni_matmul_{i}.o')
+        _run_compiler([cxx, *common, *flags, '-c', str(_VNNI), '-o', objects[-1]], _VNNI.name)
+      defines = []
+    except (RuntimeError, subprocess.SubprocessError) as e:
+      warnings.warn(f'glm_jax: the VNNI kernels are off ({e})', stacklevel=3)
+      objects, defines = [], ['-DGLM_JAX_NO_VNNI']
+    out = f'{tmp}/cpu_kernels.so'
+    _run_compiler([cxx, *common, *defines, '-shared', *map(str, _SOURCES), *objects, '-o', out],
+                  ', '.join(f.name for f in _SOURCES))
+    os.replace(out, library)  # atomic: concurrent builders each write their own file, one wins
   return library
 
 
@@ -111,6 +132,7 @@ def available() -> bool:
           library = ctypes.cdll.LoadLibrary(str(_compile()))
           for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+          _state['paths'] = library.GlmQuantizedPaths()
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
           why = str(e)
           warnings.warn(f'glm_jax: the CPU decoding kernels are off ({why}); decoding uses XLA attention and '
@@ -220,17 +242,27 @@ class PackedWeight(weights.Weight):
 QUANTIZED_MAX_ROWS = 16  # decode-sized products; more rows (prefill) are compute-bound: XLA's GEMM on dequantized W
 
 
-def quantized_matmul(x_MxI, q, scale_OxG, bits: int, *, reference):
+def quantized_paths() -> tuple[str, ...]:
+  """The paths of quantized_matmul this CPU has (QUANTIZED_PATHS' names); () when the kernels are off."""
+  if not available():
+    return ()
+  return tuple(name for name, bit in QUANTIZED_PATHS.items() if _state['paths'] & bit)
+
+
+def quantized_matmul(x_MxI, q, scale_OxG, bits: int, *, reference, path: str | None = None):
   """x [M, I] @ dequant(q, scale).T -> [M, O] float32 with the kernel on CPU for float32 x and at most
-  QUANTIZED_MAX_ROWS rows; `reference` (same arguments and bits=) elsewhere."""
+  QUANTIZED_MAX_ROWS rows; `reference` (same arguments and bits=) elsewhere. path: one of quantized_paths() (for
+  tests and benchmarks), by default the fastest."""
   m, _ = x_MxI.shape
   o = q.shape[0]
   if not (m <= QUANTIZED_MAX_ROWS and x_MxI.dtype == jnp.float32 and available()):
     return reference(x_MxI, q, scale_OxG, bits=bits)
+  if path is not None and path not in quantized_paths():
+    raise ValueError(f'path {path!r} is not available on this CPU (it has: {", ".join(quantized_paths())})')
 
   def kernel(x, q, scale):
     return jax.ffi.ffi_call('glm_jax_quantized_matmul', jax.ShapeDtypeStruct((m, o), jnp.float32))(
-        x, q, scale.astype(jnp.float32), bits=np.int64(bits))
+        x, q, scale.astype(jnp.float32), bits=np.int64(bits), path=np.int64(QUANTIZED_PATHS.get(path, 0)))
 
   return jax.lax.platform_dependent(x_MxI, q, scale_OxG, cpu=kernel,
                                     default=functools.partial(reference, bits=bits))

@@ -352,26 +352,113 @@ def test_quantized_decoding_equals_the_dequantized_float_model(float_checkpoint,
     Generator.load(tmp_path / 'q8', quantization_bit_width=4)
 
 
-@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
-@pytest.mark.parametrize('bits', [4, 8])
-def test_cpu_kernel_is_the_exact_dequantized_product(bits):
-  """glm_jax/csrc/quantized_matmul.cc against x @ (q * scale).T in float64, to float32 summation error, for every
-  block of rows it picks (4, 2, 1 and their sums), output rows in and out of its streams, groups and group tails."""
+def _cpu_paths():
+  """(bits, path) for both widths and every path of glm_jax/csrc/quantized_matmul.cc this CPU has."""
   from glm_jax import cpu_kernels  # noqa: PLC0415
+  return [(bits, path) for bits in (8, 4) for path in cpu_kernels.quantized_paths()]
+
+
+def _cpu_product(bits, path):
+  from glm_jax import cpu_kernels  # noqa: PLC0415
+  return jax.jit(lambda x, q, s: cpu_kernels.quantized_matmul(x, q, s, bits, reference=kernels.xla_matmul,
+                                                                path=path))
+
+
+def _exact_and_bound(x, q, scale_OxG, bits):
+  """x @ (q * scale).T in float64, and what the kernel may differ by: float32 summation (2 K 2^-24 sum |x w|) plus,
+  for the integer paths, x rounded to 22 bits below its row's largest |x| (at most 2^-22 max|x| sum |w|)."""
+  i = x.shape[1]
+  values = quantize.unpack_int4(q) if bits == 4 else q
+  w64 = values.astype(np.float64) * np.repeat(scale_OxG.astype(np.float64), i // scale_OxG.shape[1], axis=1)
+  exact = x.astype(np.float64) @ w64.T
+  bound = (2 * i * 2.0 ** -24 * (np.abs(x) @ np.abs(w64).T)
+           + 2.0 ** -22 * np.abs(x).max(1, keepdims=True) * np.abs(w64).sum(1))
+  return exact, bound
+
+
+@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
+@pytest.mark.parametrize('bits,path', _cpu_paths() if __import__('glm_jax.cpu_kernels').cpu_kernels.available() else [])
+def test_cpu_kernel_is_the_exact_dequantized_product(bits, path):
+  """glm_jax/csrc/quantized_matmul.cc (in floats and, where the CPU has VNNI, in integer dot products on 256- and
+  512-bit vectors) against x @ (q * scale).T in float64, for every block of rows each path picks, output rows in and
+  out of its streams, groups and group tails (a group's bytes not a multiple of the vector)."""
   rng = np.random.default_rng(bits)
-  for o, i, group in ((37, 70, None), (64, 512, 128), (33, 682, None), (50, 96, 24)):
+  product = _cpu_product(bits, path)
+  for o, i, group in ((37, 70, None), (64, 512, 128), (33, 682, None), (50, 96, 24), (9, 300, 150)):
     q, scale = quantize.quantize_weight(rng.normal(size=(o, i)).astype(np.float16), bits, group)
     scale_OxG = scale.reshape(o, -1)
-    values = quantize.unpack_int4(q) if bits == 4 else q
-    w64 = values.astype(np.float64) * np.repeat(scale_OxG.astype(np.float64), i // scale_OxG.shape[1], axis=1)
-    product = jax.jit(lambda x, q, s: cpu_kernels.quantized_matmul(x, q, s, bits, reference=kernels.xla_matmul))
     for m in (1, 2, 3, 4, 7, 8, 13, 16):
       x = rng.normal(size=(m, i)).astype(np.float32)
       assert 'glm_jax_quantized_matmul' in product.lower(x, q, scale_OxG).as_text()  # the kernel, not the fallback
-      y = np.asarray(product(x, q, scale_OxG))
-      exact = x.astype(np.float64) @ w64.T
-      bound = 2 * i * 2.0 ** -24 * (np.abs(x) @ np.abs(w64).T)
-      assert (np.abs(y - exact) <= bound).all(), (o, i, group, m)
+      exact, bound = _exact_and_bound(x, q, scale_OxG, bits)
+      assert (np.abs(np.asarray(product(x, q, scale_OxG)) - exact) <= bound).all(), (o, i, group, m)
+
+
+@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
+@pytest.mark.parametrize('bits,path', _cpu_paths() if __import__('glm_jax.cpu_kernels').cpu_kernels.available() else [])
+def test_cpu_kernel_rows_of_any_magnitude(bits, path):
+  """Rows of x at 1e-35 (whose power of two is beyond float32's), 1e30, with an outlier 1e4 times the rest, all zero,
+  or holding inf / NaN (their outputs NaN); each row on its own, whatever its neighbours hold."""
+  rng = np.random.default_rng(7)
+  o, i = 40, 256
+  q, scale = quantize.quantize_weight(rng.normal(size=(o, i)).astype(np.float16), bits)
+  scale_OxG = scale.reshape(o, -1)
+  x = rng.normal(size=(6, i)).astype(np.float32)
+  x[0] *= np.float32(1e-35)
+  x[1] *= np.float32(1e30)
+  x[2, 5] = 3e4
+  x[3] = 0
+  x[4, 17], x[5, 3] = np.inf, np.nan
+  y = np.asarray(_cpu_product(bits, path)(x, q, scale_OxG))
+  exact, bound = _exact_and_bound(x[:4], q, scale_OxG, bits)
+  assert (np.abs(y[:4] - exact) <= bound).all()
+  assert (y[3] == 0).all()
+  assert not np.isfinite(y[4:]).any()
+
+
+@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
+def test_cpu_kernel_refuses_a_path_this_cpu_lacks():
+  from glm_jax import cpu_kernels  # noqa: PLC0415
+  x, q, scale = np.ones((1, 64), np.float32), np.zeros((4, 32), np.int8), np.ones((4, 1), np.float32)
+  with pytest.raises(ValueError, match="path 'vnni1024' is not available"):
+    cpu_kernels.quantized_matmul(x, q, scale, 4, reference=kernels.xla_matmul, path='vnni1024')
+
+
+@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
+def test_a_compiler_without_vnni_builds_the_float_path(tmp_path):
+  """A compiler that refuses the VNNI flags (an older g++) still builds the kernels, with a warning, and quantized
+  products then take the float path."""
+  import shutil  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  cxx = tmp_path / 'old-g++'
+  cxx.write_text('#!/bin/sh\ncase "$*" in *-mavxvnni*|*-mavx512vnni*) echo "error: unrecognized option" >&2; exit 1;; esac\n'
+                 f'exec {shutil.which("g++")} "$@"\n')
+  cxx.chmod(0o755)
+  script = """
+import warnings
+import numpy as np, jax
+import quantize
+from glm_jax import cpu_kernels
+from quantize import kernels
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  assert cpu_kernels.available(), cpu_kernels._state['why']
+assert any('the VNNI kernels are off' in str(w.message) for w in caught), [str(w.message) for w in caught]
+print(cpu_kernels.quantized_paths())
+rng = np.random.default_rng(0)
+q, scale = quantize.quantize_weight(rng.normal(size=(24, 64)).astype(np.float16), 4)
+x = rng.normal(size=(3, 64)).astype(np.float32)
+y = jax.jit(lambda x: cpu_kernels.quantized_matmul(x, q, scale.reshape(24, 1), 4, reference=kernels.xla_matmul))(x)
+w = quantize.unpack_int4(q).astype(np.float64) * scale.astype(np.float64)[:, None]  # exact, not rounded to fp16
+print(float(np.abs(np.asarray(y) - x.astype(np.float64) @ w.T).max()))
+"""
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=subprocess_env(CXX=str(cxx), GLM_JAX_CACHE=str(tmp_path / 'cache')))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  paths, error = proc.stdout.strip().splitlines()[-2:]
+  assert paths == "('float',)"
+  assert float(error) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
