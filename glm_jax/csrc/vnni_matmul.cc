@@ -3,7 +3,6 @@
 // checked that the CPU has the instructions.
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstring>
 #include <limits>
 
