@@ -20,7 +20,7 @@ Targets (issue 13), batch 1 on the larger config: INT8 at least 2x fp32 tokens/s
 more of their own bound. Random weights (std 0.02, the final LayerNorm negated so that greedy decoding does not copy
 its input), random prompts of 32 tokens.
 
-    python benchmarks/quantized_decode.py                        # about 5 minutes on the 2-core CPU machines
+    python benchmarks/quantized_decode.py                        # about 8 minutes on the 2-core CPU machines
     python benchmarks/quantized_decode.py --configs small --batches 1 --repeats 5
 """
 
