@@ -352,8 +352,13 @@ def test_quantized_decoding_equals_the_dequantized_float_model(float_checkpoint,
     Generator.load(tmp_path / 'q8', quantization_bit_width=4)
 
 
+needs_cpu_kernels = pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(),
+                                       reason='CPU kernels not built')
+
+
 def _cpu_paths():
-  """(bits, path) for both widths and every path of glm_jax/csrc/quantized_matmul.cc this CPU has."""
+  """(bits, path) for both widths and every path of glm_jax/csrc/quantized_matmul.cc this CPU has (none without
+  the kernels)."""
   from glm_jax import cpu_kernels  # noqa: PLC0415
   return [(bits, path) for bits in (8, 4) for path in cpu_kernels.quantized_paths()]
 
@@ -376,8 +381,8 @@ def _exact_and_bound(x, q, scale_OxG, bits):
   return exact, bound
 
 
-@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
-@pytest.mark.parametrize('bits,path', _cpu_paths() if __import__('glm_jax.cpu_kernels').cpu_kernels.available() else [])
+@needs_cpu_kernels
+@pytest.mark.parametrize('bits,path', _cpu_paths())
 def test_cpu_kernel_is_the_exact_dequantized_product(bits, path):
   """glm_jax/csrc/quantized_matmul.cc (in floats and, where the CPU has VNNI, in integer dot products on 256- and
   512-bit vectors) against x @ (q * scale).T in float64, for every block of rows each path picks, output rows in and
@@ -394,8 +399,8 @@ def test_cpu_kernel_is_the_exact_dequantized_product(bits, path):
       assert (np.abs(np.asarray(product(x, q, scale_OxG)) - exact) <= bound).all(), (o, i, group, m)
 
 
-@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
-@pytest.mark.parametrize('bits,path', _cpu_paths() if __import__('glm_jax.cpu_kernels').cpu_kernels.available() else [])
+@needs_cpu_kernels
+@pytest.mark.parametrize('bits,path', _cpu_paths())
 def test_cpu_kernel_rows_of_any_magnitude(bits, path):
   """Rows of x at 1e-35 (whose power of two is beyond float32's), 1e30, with an outlier 1e4 times the rest, all zero,
   or holding inf / NaN (their outputs NaN); each row on its own, whatever its neighbours hold."""
@@ -416,7 +421,7 @@ def test_cpu_kernel_rows_of_any_magnitude(bits, path):
   assert not np.isfinite(y[4:]).any()
 
 
-@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
+@needs_cpu_kernels
 def test_cpu_kernel_refuses_a_path_this_cpu_lacks():
   from glm_jax import cpu_kernels  # noqa: PLC0415
   x, q, scale = np.ones((1, 64), np.float32), np.zeros((4, 32), np.int8), np.ones((4, 1), np.float32)
@@ -424,7 +429,7 @@ def test_cpu_kernel_refuses_a_path_this_cpu_lacks():
     cpu_kernels.quantized_matmul(x, q, scale, 4, reference=kernels.xla_matmul, path='vnni1024')
 
 
-@pytest.mark.skipif(not __import__('glm_jax.cpu_kernels').cpu_kernels.available(), reason='CPU kernels not built')
+@needs_cpu_kernels
 def test_a_compiler_without_vnni_builds_the_float_path(tmp_path):
   """A compiler that refuses the VNNI flags (an older g++) still builds the kernels, with a warning, and quantized
   products then take the float path."""

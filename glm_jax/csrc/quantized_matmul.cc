@@ -300,7 +300,7 @@ ffi::Error QuantizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   const int64_t chunk = std::max<int64_t>(4, (O + 4 * threads - 1) / (4 * threads));
   const int64_t chunks = (O + chunk - 1) / chunk;
   if (M == 0 || O == 0) return ffi::Error::Success();
-  const int mask = PathMask();
+  static const int mask = PathMask();  // cpuid once: in a guest each one exits to the hypervisor
   // by default the fastest this CPU has; int32 digit sums cannot overflow up to 2^19 bytes a group
   if (path == 0) path = qd[1] / G > (int64_t(1) << 19) ? 1 : (mask & 4) ? 4 : (mask & 2) ? 2 : 1;
   if (path != 1 && path != 2 && path != 4)
